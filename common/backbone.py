@@ -1,0 +1,42 @@
+"""torchvision ResNets with the CIFAR stem for small images (MMCR playground, solo-learn)."""
+import torch.nn as nn
+import torchvision
+
+from common.train import UserError
+
+FEATURE_DIM = {"resnet18": 512, "resnet50": 2048}
+
+
+def add_resnet_args(parser) -> None:
+    """--backbone / --stem, shared by the ResNet methods."""
+    parser.add_argument("--backbone", default="resnet18", choices=sorted(FEATURE_DIM),
+                        help="torchvision ResNet trunk (fc removed)")
+    parser.add_argument("--stem", default="auto", choices=["auto", "cifar", "imagenet"],
+                        help="cifar: 3x3 stride-1 conv, no maxpool (stride 8); imagenet: 7x7 "
+                             "stride-2 conv + maxpool (stride 32); auto: cifar up to 64 px")
+
+
+def resolve_stem(stem: str, image_size: int) -> str:
+    return stem if stem != "auto" else ("cifar" if image_size <= 64 else "imagenet")
+
+
+def resnet(arch: str, stem: str, image_size: int) -> nn.Module:
+    """ResNet trunk mapping (B, 3, H, W) to (B, FEATURE_DIM[arch]) pooled features. Its
+    state_dict loads into torchvision.models.<arch>() (same stem) with only fc missing."""
+    stem = resolve_stem(stem, image_size)
+    smallest = 8 if stem == "cifar" else 32
+    if image_size < smallest:
+        raise UserError(f"--image-size {image_size} is too small for the {stem} stem "
+                        f"(at least {smallest} px)")
+    net = getattr(torchvision.models, arch)()
+    if stem == "cifar":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    net.fc = nn.Identity()
+    return net
+
+
+def feature_map(net: nn.Module, x):
+    """The last (C5) feature map (B, C, H/stride, W/stride) of a resnet() trunk, before pooling."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))

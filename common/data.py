@@ -1,0 +1,156 @@
+"""Datasets (cifar10, cifar100, stl10, imagefolder, synthetic) and the loaders built on them.
+
+Splits: "pretrain" (STL-10: train+unlabeled; a flat image folder is accepted, unlabeled),
+"train" (labelled, the kNN bank and finetune set) and "test".
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from common import dist
+from common.augment import eval_transform
+from common.synthetic import SyntheticShapes
+from common.train import UserError
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class DataInfo:
+    name: str
+    image_size: int
+    mean: tuple
+    std: tuple
+    test_resize: int | None  # shorter side before the centre crop of the eval transform
+
+
+def dataset_info(name: str, image_size: int | None = None) -> DataInfo:
+    """Image size and normalisation of a dataset (METHODS.md section 0.2)."""
+    size, mean, std = {
+        "cifar10": (32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+        "cifar100": (32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        "stl10": (64, (0.43, 0.42, 0.39), (0.27, 0.26, 0.27)),
+        "imagefolder": (224, *IMAGENET),
+        "synthetic": (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    }[name]
+    size = image_size or size
+    resize = {"stl10": size * 70 // 64, "imagefolder": size * 256 // 224}.get(name)
+    return DataInfo(name, size, mean, std, resize)
+
+
+class ImageFiles(Dataset):
+    """Every image below `root` (recursive, RGB); label -1 = unlabeled. Skips runs/ folders."""
+
+    def __init__(self, root: Path, transform):
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and "runs" not in p.relative_to(root).parts)
+        if not self.files:
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        self.transform, self.targets = transform, [-1] * len(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert("RGB")), -1
+
+
+def _torchvision(cls, root: Path, expected: str, **kwargs):
+    """Open a torchvision dataset, downloading it on rank 0 first; one clear line offline."""
+    if not (root / expected).exists() and dist.rank() == 0:
+        try:
+            cls(root, download=True, **kwargs)
+        except Exception as e:
+            raise UserError(f"{cls.__name__} not found: expected {root / expected} and the "
+                            f"download failed ({type(e).__name__}). Put the files there, or run "
+                            "offline with --dataset synthetic") from None
+    dist.barrier()
+    return cls(root, download=False, **kwargs)
+
+
+def _imagefolder(root: Path, split: str, transform):
+    if not root.is_dir():
+        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
+                        " or a root with train/ and val/ class folders)")
+    sub = root / ("val" if split == "test" else "train")
+    if sub.is_dir():
+        ds = torchvision.datasets.ImageFolder(sub, transform, is_valid_file=_is_image)
+        if not ds.samples:
+            raise UserError(f"no images found in the class folders of {sub}")
+        return ds
+    if split == "pretrain":
+        return ImageFiles(root, transform)
+    return None  # no labelled split: the kNN monitor / finetune cannot run
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, dev: int = 0):
+    """The dataset of `split` with `transform`, or None if the data has no such labelled split.
+    `dev` > 0 keeps the first `dev` images (a quarter of that for the test split)."""
+    root, name = Path(data_dir), info.name
+    train = split != "test"
+    if name == "synthetic":  # train and test draw from disjoint seeds
+        n = 10_000 if train else 2_000
+        ds = SyntheticShapes(n, info.image_size, seed * 2 + (not train), transform)
+    elif name in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+        ds = _torchvision(cls, root, folder, train=train, transform=transform)
+    elif name == "stl10":
+        stl_split = {"pretrain": "train+unlabeled", "train": "train", "test": "test"}[split]
+        ds = _torchvision(torchvision.datasets.STL10, root, "stl10_binary", split=stl_split,
+                          transform=transform)
+    else:
+        ds = _imagefolder(root, split, transform)
+    if ds is not None and dev:
+        ds = Subset(ds, range(min(len(ds), dev if train else max(1, dev // 4))))
+    return ds
+
+
+def num_classes(ds) -> int:
+    """Class count from the dataset itself (0 when unlabeled)."""
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    return len(getattr(base, "classes", [])) or 0
+
+
+def train_loader(ds, batch_size: int, num_workers: int, d, seed: int):
+    """Shuffled, drop_last loader over this process's shard; call sampler.set_epoch each epoch.
+    The shuffle order is a pure function of (seed, epoch), also for a single process."""
+    if len(ds) < batch_size * d.world_size:
+        raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch "
+                        f"({batch_size} x {d.world_size} processes): lower --batch-size")
+    sampler = DistributedSampler(ds, d.world_size, d.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=d.device.type == "cuda", drop_last=True)
+    return loader, sampler
+
+
+def eval_loader(ds, batch_size: int, num_workers: int, pin: bool = False):
+    """Unsharded, ordered loader (kNN bank, test split)."""
+    return DataLoader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin)
+
+
+def pretrain_data(args, info: DataInfo, transform, d):
+    """The pretraining loader and sampler, plus kNN data (bank loader, test loader, classes),
+    or None for the kNN part when the data has no labelled train and test splits."""
+    ds = load_split(info, args.data_dir, "pretrain", transform, args.seed, args.dev)
+    loader, sampler = train_loader(ds, args.batch_size, args.num_workers, d, args.seed)
+    test_tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
+    bank = load_split(info, args.data_dir, "train", test_tf, args.seed, args.dev)
+    test = load_split(info, args.data_dir, "test", test_tf, args.seed, args.dev)
+    if bank is None or test is None or not num_classes(bank):
+        dist.print0("kNN monitor off: the data has no labelled train/ and val/ splits")
+        return loader, sampler, None
+    pin = d.device.type == "cuda"
+    knn = (eval_loader(bank, 512, args.num_workers, pin), eval_loader(test, 512, args.num_workers,
+                                                                      pin), num_classes(bank))
+    return loader, sampler, knn

@@ -1,0 +1,91 @@
+"""MMCR: Maximum Manifold Capacity Representations (Yerxa et al., arXiv 2303.03307).
+
+Shapes: B = images per process, V = views per image, D = embedding dim,
+N = B x world size (the global batch, after a gather).
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common.backbone import FEATURE_DIM, resnet
+from common.dist import gather, gather_with_grad
+
+
+def projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear (no bias) -> BN -> ReLU -> Linear (no bias); no BN on the output.
+    The official CIFAR/STL projector ([512, 128], mmcr/cifar_stl/models.py)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=False))
+
+
+class MMCR(nn.Module):
+    """Backbone + projector, and with `momentum=True` an EMA copy of both (the official
+    ImageNet `MMCR_Momentum` objective) that sees the same views and gets no gradient."""
+
+    def __init__(self, arch="resnet18", stem="auto", image_size=32, hidden_dim=512,
+                 projection_dim=128, momentum=False):
+        super().__init__()
+        self.backbone = resnet(arch, stem, image_size)
+        self.projector = projector(FEATURE_DIM[arch], hidden_dim, projection_dim)
+        self.momentum_backbone = self.momentum_projector = None
+        if momentum:
+            self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+            self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, num_views: int):
+        """x (B*V, C, H, W), each image's views contiguous -> z (B, V, D), z_momentum or None."""
+        z = self.projector(self.backbone(x))  # (B*V, D)
+        z_momentum = None
+        if self.momentum_backbone is not None:
+            with torch.no_grad():
+                z_momentum = self.momentum_projector(self.momentum_backbone(x))
+                z_momentum = z_momentum.unflatten(0, (-1, num_views))
+        return z.unflatten(0, (-1, num_views)), z_momentum
+
+    @torch.no_grad()
+    def update_momentum(self, tau: float) -> None:
+        """theta_m <- tau * theta_m + (1 - tau) * theta, parameters only (BN buffers are not
+        copied, as in the official mmcr/imagenet/misc.py)."""
+        pairs = [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
+        for slow, fast in pairs:
+            for p_m, p in zip(slow.parameters(), fast.parameters()):
+                p_m.lerp_(p, 1 - tau)
+
+
+def nuclear_norm(x: torch.Tensor) -> torch.Tensor:
+    """Sum of singular values of the last two dims (batched); singular values only (no U, V)."""
+    return torch.linalg.svdvals(x).sum(-1)
+
+
+def mmcr_loss(z: torch.Tensor, z_momentum: torch.Tensor | None = None, lmbda: float = 0.0):
+    """MMCR objective  L = -||C||_* + lmbda * mean_b ||Z_b||_*  over the global batch.
+
+    z:          (B, V, D) online embeddings of V views of B images (any scale: each view is
+                L2-normalised here, so the loss is invariant to the embedding scale).
+    z_momentum: (B, V, D) momentum-branch embeddings or None; then each centroid is the mean of
+                the online and the momentum centroids (official MMCR_Momentum), and the local
+                term uses the online views only.
+    C = (N, D) centroids, not re-normalised; Z_b = (V, D) views of image b.
+
+    Under DDP the views are gathered with gradient before the SVD, so ||C||_* spans all N
+    images on every rank (as official); gather_with_grad makes the gradient independent of the
+    world size (official code lets it shrink by 1/world size). Runs in float32, autocast off
+    (svdvals has no half-precision kernels). Returns (loss, detached diagnostics).
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        z = gather_with_grad(F.normalize(z.float(), dim=-1))  # (N, V, D)
+        c = z.mean(1)  # (N, D)
+        if z_momentum is not None:
+            c = 0.5 * (c + gather(F.normalize(z_momentum.float(), dim=-1)).mean(1))
+        global_nuc = nuclear_norm(c)
+        if lmbda > 0:
+            local_nuc = nuclear_norm(z).mean()
+            loss = -global_nuc + lmbda * local_nuc
+        else:  # the local term is only logged: no graph through its SVDs
+            with torch.no_grad():
+                local_nuc = nuclear_norm(z).mean()
+            loss = -global_nuc
+    return loss, {"global_nuclear_norm": global_nuc.detach(), "local_nuclear_norm":
+                  local_nuc.detach()}

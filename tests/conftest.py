@@ -1,0 +1,5 @@
+"""Puts the repository root on the import path, as the scripts' own shim does."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

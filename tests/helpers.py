@@ -1,0 +1,44 @@
+"""Test helpers: multi-process gloo runs and the scripts as subprocesses."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world, *args), Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world: int, tmp_path, *args) -> list:
+    """Run fn(rank, world, *args) in `world` gloo processes; returns each rank's result.
+    fn must be a module-level function of a test module (it is pickled to the workers)."""
+    mp.spawn(_worker, (world, _free_port(), fn, args, str(tmp_path)), nprocs=world)
+    return [torch.load(Path(tmp_path) / f"{r}.pt", weights_only=False) for r in range(world)]
+
+
+def run_script(script: str, *flags, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+    """`python <script> <flags>` from the repository root, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, script, *map(str, flags)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
