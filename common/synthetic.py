@@ -1,15 +1,18 @@
 """A synthetic labelled image dataset generated in-process: offline smoke runs and tests.
 
 Ten shape classes (disk, square, triangle, cross, ring, diamond, horizontal stripes, vertical
-stripes, checkerboard, two dots) drawn at a random position and scale with random foreground and
-background colours plus pixel noise. Colour and position carry no label information, so a network
-has to learn shape to separate the classes. Image i of a split is a pure function of (seed, i).
+stripes, checkerboard, two dots) drawn at a random position and scale with foreground and background
+colours from a small shared palette plus pixel noise. Colour and position carry no label
+information, and few colour pairs exist, so colour cannot tell images apart: a network has to
+learn shape, for the labels and for telling images apart in a self-supervised loss. Image i of a split is a pure function of (seed, i).
 """
 import torch
 import torchvision.transforms.functional as F
 
 NUM_CLASSES = 10
 LUMA = torch.tensor([0.299, 0.587, 0.114])
+PALETTE = torch.tensor([[0.1, 0.1, 0.1], [0.9, 0.9, 0.85], [0.8, 0.2, 0.2], [0.2, 0.3, 0.8],
+                        [0.9, 0.8, 0.2], [0.2, 0.6, 0.3]])
 
 
 def _shape_mask(label: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -32,21 +35,22 @@ def _shape_mask(label: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _colours(g: torch.Generator):
-    """Background and foreground RGB colours whose luminance differs by at least 0.25,
+    """Background and foreground palette colours whose luminance differs by at least 0.15,
     so the shape survives grayscale augmentation."""
-    bg = torch.rand(3, generator=g)
-    fg = torch.rand(3, generator=g)
-    while abs(float((fg - bg) @ LUMA)) < 0.25:
-        fg = torch.rand(3, generator=g)
-    return bg, fg
+    while True:
+        bg, fg = PALETTE[torch.randperm(len(PALETTE), generator=g)[:2]]
+        if abs(float((fg - bg) @ LUMA)) >= 0.15:
+            return bg, fg
 
 
 def render(label: int, size: int, g: torch.Generator) -> torch.Tensor:
     """One uint8 image (3, size, size) of class `label`."""
     axis = torch.linspace(-1, 1, size)
     y, x = torch.meshgrid(axis, axis, indexing="ij")
-    cx, cy = (torch.rand(2, generator=g) * 0.8 - 0.4).tolist()
-    r = 0.3 + 0.25 * float(torch.rand(1, generator=g))
+    # large shapes (radius 0.55-0.85 of the half-width) so most random crops still show part
+    # of the shape rather than background alone
+    cx, cy = (torch.rand(2, generator=g) * 0.4 - 0.2).tolist()
+    r = 0.55 + 0.3 * float(torch.rand(1, generator=g))
     mask = _shape_mask(label, (x - cx) / r, (y - cy) / r)
     bg, fg = _colours(g)
     img = torch.where(mask, fg[:, None, None], bg[:, None, None])

@@ -52,7 +52,7 @@ def add_common_args(parser, *, batch_size, max_epochs, learning_rate, warmup_dur
       help="synthetic is generated in-process and needs no files (offline smoke runs)")
     a("--data-dir", default="data", help="where datasets live (CIFAR/STL download here); "
       "for imagefolder: a root with train/ and val/ class folders, or a flat image folder")
-    a("--image-size", type=int, default=None, help="crop size; default: the dataset's "
+    a("--image-size", type=int, default=None, help="crop size; unset: the dataset's "
       "(32 CIFAR/synthetic, 64 STL-10, 224 imagefolder)")
     a("--batch-size", type=int, default=batch_size, help="images per process per step "
       "(the global batch is this x world size)")
@@ -69,7 +69,7 @@ def add_common_args(parser, *, batch_size, max_epochs, learning_rate, warmup_dur
       help="DataLoader workers per process")
     a("--dev", type=int, nargs="?", const=2048, default=0, help="use only the first N images of"
       " each split for a quick look (N = 2048 when given without a value; 0: all)")
-    a("--output-dir", default=None, help="run directory (default: runs/<method>/<dataset>-<time>)")
+    a("--output-dir", default=None, help="run directory; unset: runs/<method>/<dataset>-<time>")
     a("--resume", default=None, help="checkpoint path, or 'auto' for last.pt of --output-dir "
       "(or of the newest run of this method)")
     a("--save-every", type=int, default=0, help="also keep epochNNNN.pt every N epochs (0: off)")

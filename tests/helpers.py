@@ -42,3 +42,19 @@ def run_script(script: str, *flags, timeout: int = 300, env=None) -> subprocess.
     env.pop("RANK", None)
     return subprocess.run([sys.executable, script, *map(str, flags)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+TINY_FEATURES = 64
+
+
+def tiny_cnn(arch="resnet18", stem="cifar", image_size=16) -> torch.nn.Module:
+    """A three-layer CNN with resnet()'s signature and output (B, TINY_FEATURES): swapped in for
+    the ResNet where a test needs many training steps in seconds on a CPU."""
+    nn = torch.nn
+
+    def block(c_in, c_out, stride):
+        return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True)]
+
+    return nn.Sequential(*block(3, 32, 1), *block(32, 64, 2), *block(64, TINY_FEATURES, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())

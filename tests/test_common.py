@@ -1,0 +1,144 @@
+"""Tests of common/: kNN, schedule, views, synthetic data, checkpoints, collectives."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from common import dist
+from common.augment import MultiView, View
+from common.knn import accuracy, knn_classify
+from common.synthetic import SyntheticShapes
+from common.train import UserError, load_checkpoint, save_checkpoint, warmup_cosine
+from helpers import run_distributed
+
+
+def test_knn_hand_checked_example():
+    # bank: two class-0 points near the x axis, one class-1 point on the y axis
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 0, 1])
+    query = torch.tensor([[0.0, 1.0]])  # cos = 0, 0.196, 1 to the three bank points
+    scores = knn_classify(bank, labels, query, k=2, temperature=0.5, num_classes=3)
+    # top-2 neighbours: bank[2] (cos 1, class 1) and bank[1] (cos 0.2/sqrt(1.04), class 0)
+    expected = torch.tensor([[math.exp(0.2 / math.sqrt(1.04) / 0.5), math.exp(2.0), 0.0]])
+    torch.testing.assert_close(scores, expected)
+    assert accuracy(scores, torch.tensor([1]), k=2) == {"top1": 100.0}  # no top-5 for k < 5
+
+
+def test_knn_matches_naive_loop_across_chunks():
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(50, 8, generator=g), dim=1)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    queries = F.normalize(torch.randn(7, 8, generator=g), dim=1)
+    scores = knn_classify(bank, labels, queries, k=5, temperature=0.1, num_classes=4, chunk=3)
+    for i, q in enumerate(queries):
+        sims = sorted(((float(q @ b), int(y)) for b, y in zip(bank, labels)), reverse=True)[:5]
+        naive = [sum(math.exp(s / 0.1) for s, y in sims if y == c) for c in range(4)]
+        torch.testing.assert_close(scores[i], torch.tensor(naive), rtol=1e-5, atol=1e-6)
+
+
+def test_top5_counts_rank_five_and_needs_k_at_least_5():
+    scores = torch.tensor([[6.0, 5, 4, 3, 2, 1], [1.0, 2, 3, 4, 5, 6]])
+    labels = torch.tensor([4, 0])  # row 0: label at rank 5 (in top-5); row 1: rank 6
+    assert accuracy(scores, labels, k=10) == {"top1": 0.0, "top5": 50.0}
+    assert "top5" not in accuracy(scores, labels, k=4)
+
+
+def test_warmup_cosine_known_points():
+    assert warmup_cosine(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert warmup_cosine(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert warmup_cosine(55, 100, 10, 1.0) == pytest.approx(0.5)  # half-way through the cosine
+    assert warmup_cosine(100, 100, 10, 1.0, final=0.1) == pytest.approx(0.1)
+
+
+def _image():
+    return SyntheticShapes(1, 32, seed=0)[0][0]
+
+
+def test_views_of_one_image_differ_and_boxes_describe_the_crop():
+    torch.manual_seed(0)
+    views, boxes = MultiView([View(32, (0.5,) * 3, (0.25,) * 3)] * 4, with_boxes=True)(_image())
+    assert len(views) == 4 and boxes.shape == (4, 5)
+    assert all(not torch.equal(views[0], v) for v in views[1:])
+    top, left, h, w, flipped = boxes.T
+    assert ((top >= 0) & (left >= 0) & (top + h <= 1) & (left + w <= 1)).all()
+    assert ((h * w >= 0.08 - 1e-6) & (h * w <= 1)).all() and set(flipped.tolist()) <= {0.0, 1.0}
+
+
+def test_box_locates_the_crop_in_the_source_image():
+    # a horizontal ramp: after a crop without colour ops, the left/right edge values of the view
+    # are the ramp values at the box's left/right edges (mirrored when flipped)
+    ramp = torch.linspace(0, 1, 64).expand(3, 64, 64)
+    img = Image.fromarray((ramp.permute(1, 2, 0).numpy() * 255).astype("uint8"))
+    view = View(32, (0.0,) * 3, (1.0,) * 3, jitter_p=0.0, gray_p=0.0)
+    torch.manual_seed(1)
+    for _ in range(5):
+        x, (top, left, h, w, flipped) = view(img)
+        edges = (left / 64, (left + w) / 64)
+        seen = (x[0, 16, 0].item(), x[0, 16, -1].item())
+        seen = seen[::-1] if flipped else seen
+        assert seen[0] == pytest.approx(edges[0], abs=0.05)
+        assert seen[1] == pytest.approx(edges[1], abs=0.05)
+
+
+def test_views_differ_across_workers_and_epochs():
+    ds = torch.utils.data.Subset(SyntheticShapes(1, 32, 0, MultiView([View(32, (0.5,) * 3,
+                                                                           (0.25,) * 3)])), [0] * 4)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+    torch.manual_seed(0)
+    epoch1 = [views[0] for views, _ in loader]
+    epoch2 = [views[0] for views, _ in loader]
+    assert not torch.equal(epoch1[0], epoch1[1])  # batch 0 and 1 come from different workers
+    assert not torch.equal(epoch1[0], epoch2[0])
+
+
+def test_synthetic_is_deterministic_and_labelled():
+    a, b = SyntheticShapes(20, 24, seed=3), SyntheticShapes(20, 24, seed=3)
+    assert a[5][0].tobytes() == b[5][0].tobytes() and a[5][1] == 5
+    assert a[5][0].tobytes() != SyntheticShapes(20, 24, seed=4)[5][0].tobytes()
+    assert a[5][0].size == (24, 24) and sorted(set(a.targets)) == list(range(10))
+
+
+def test_checkpoint_save_is_atomic_and_load_checks(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"method": "mmcr", "x": torch.ones(2)}, path)
+
+    def crash(obj, f):
+        open(f, "wb").write(b"half")
+        raise KeyboardInterrupt  # killed in the middle of the write
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"method": "mmcr", "x": torch.zeros(2)}, path)
+    assert torch.equal(load_checkpoint(path, "mmcr")["x"], torch.ones(2))
+    with pytest.raises(UserError, match="comes from 'mmcr'"):
+        load_checkpoint(path, "nnclr")
+    with pytest.raises(UserError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt", "mmcr")
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(tmp_path / "bad.pt", "mmcr")
+
+
+def _collectives(rank, world):
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    gathered = dist.gather_with_grad(x)  # (2 * world, 3)
+    weights = torch.arange(gathered.shape[0], dtype=torch.float32)[:, None]
+    (gathered * weights).sum().backward()
+    mean = dist.all_reduce_mean(torch.tensor([float(rank)]))
+    return {"gathered": gathered.detach(), "grad": x.grad, "mean": mean,
+            "plain": dist.gather(torch.tensor([rank]))}
+
+
+def test_collectives_two_processes(tmp_path):
+    results = run_distributed(_collectives, 2, tmp_path)
+    expected = torch.tensor([[1.0] * 3] * 2 + [[2.0] * 3] * 2)
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["gathered"], expected)
+        # every rank's identical loss sends rows' weights back: summed over 2 ranks
+        rows = torch.arange(2 * rank, 2 * rank + 2, dtype=torch.float32)[:, None]
+        torch.testing.assert_close(r["grad"], 2 * rows.expand(2, 3))
+        torch.testing.assert_close(r["mean"], torch.tensor([0.5]))
+        assert r["plain"].tolist() == [0, 1]

@@ -1,0 +1,226 @@
+"""Tests of mmcr/: the loss against independent computations, DDP equivalence, the scripts."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from common import dist
+from common.train import run_main
+from helpers import TINY_FEATURES, run_distributed, run_script, tiny_cnn
+from mmcr import finetune, pretrain
+from mmcr import model as mmcr_model
+from mmcr.model import MMCR, mmcr_loss
+
+TINY = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--num-views", "2",
+        "--num-workers", "0", "--num-neighbours", "10", "--log-every", "1"]
+
+
+def naive_mmcr(z, lmbda, z_momentum=None):
+    """Per-image loop in float64 with full SVDs: -||C||_* + lmbda * mean_b ||Z_b||_*."""
+    centroids, local = [], 0.0
+    for b in range(z.shape[0]):
+        views = [v / v.norm() for v in z[b].double()]
+        c = sum(views) / len(views)
+        if z_momentum is not None:
+            m = [v / v.norm() for v in z_momentum[b].double()]
+            c = (c + sum(m) / len(m)) / 2
+        centroids.append(c)
+        local += torch.linalg.svd(torch.stack(views))[1].sum()
+    return -torch.linalg.svd(torch.stack(centroids))[1].sum() + lmbda * local / z.shape[0]
+
+
+def test_loss_matches_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    z, zm = torch.randn(6, 4, 5, generator=g), torch.randn(6, 4, 5, generator=g)
+    assert mmcr_loss(z, lmbda=0.3)[0].item() == pytest.approx(naive_mmcr(z, 0.3).item(), 1e-5)
+    assert mmcr_loss(z, zm)[0].item() == pytest.approx(naive_mmcr(z, 0, zm).item(), 1e-5)
+
+
+def test_loss_closed_forms_orthogonal_centroids():
+    eye = torch.eye(8)
+    same = eye[:4, None, :].expand(4, 3, 8) * 7.0  # 3 identical views of 4 orthogonal images
+    loss, logs = mmcr_loss(same, lmbda=1.0)
+    assert logs["global_nuclear_norm"].item() == pytest.approx(4.0)  # 4 unit centroids
+    # each Z_b is 3 equal unit rows: rank 1 with singular value sqrt(3)
+    assert loss.item() == pytest.approx(-4.0 + 3 ** 0.5)
+    # views e_b and e_{b+4}: centroids of norm 1/sqrt(2), orthogonal; each Z_b = 2 orthonormal rows
+    split = torch.stack([eye[:4], eye[4:]], dim=1)
+    loss, logs = mmcr_loss(split, lmbda=0.5)
+    assert logs["global_nuclear_norm"].item() == pytest.approx(4 / 2 ** 0.5)
+    assert logs["local_nuclear_norm"].item() == pytest.approx(2.0)
+    assert loss.item() == pytest.approx(-4 / 2 ** 0.5 + 0.5 * 2.0)
+
+
+def test_loss_is_invariant_to_embedding_scale():
+    z = torch.randn(5, 3, 16)
+    torch.testing.assert_close(mmcr_loss(z, lmbda=0.1)[0], mmcr_loss(z * 123.0, lmbda=0.1)[0])
+
+
+@pytest.mark.parametrize("z", [torch.ones(4, 3, 32),  # identical views and images
+                               torch.randn(1, 1, 32).expand(3, 2, 32).clone(),
+                               torch.randn(2, 4, 64)])  # batch < dim
+def test_gradients_finite_on_degenerate_inputs(z):
+    z = z.clone().requires_grad_(True)
+    mmcr_loss(z, lmbda=0.5)[0].backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_momentum_update_is_the_ema():
+    model = MMCR(image_size=16, hidden_dim=8, projection_dim=4, momentum=True)
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(1.0)
+    old = [p.clone() for p in model.momentum_projector.parameters()]
+    model.update_momentum(0.9)
+    for p_m, p, o in zip(model.momentum_projector.parameters(), model.projector.parameters(), old):
+        torch.testing.assert_close(p_m, 0.9 * o + 0.1 * p)
+    assert not any(p.requires_grad for p in model.momentum_backbone.parameters())
+
+
+def _loss_and_grad(rank, world, x, x_momentum):
+    """A linear 'network' on this rank's shard; grads averaged over ranks as DDP does."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[-1], 6)
+    n = x.shape[0] // world
+    shard = slice(rank * n, (rank + 1) * n)
+    loss, _ = mmcr_loss(head(x[shard]), head(x_momentum[shard]).detach(), lmbda=0.2)
+    loss.backward()
+    grad = dist.all_reduce_mean(head.weight.grad) if world > 1 else head.weight.grad
+    return loss.detach(), grad
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    x, xm = torch.randn(8, 3, 10, generator=g), torch.randn(8, 3, 10, generator=g)
+    loss1, grad1 = _loss_and_grad(0, 1, x, xm)
+    for loss2, grad2 in run_distributed(_loss_and_grad, 2, tmp_path, x, xm):
+        torch.testing.assert_close(loss2, loss1)
+        torch.testing.assert_close(grad2, grad1)
+
+
+def test_pretrain_then_finetune_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = run_script("mmcr/pretrain.py", *TINY, "--dev", "64", "--max-epochs", "1",
+                        "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    assert "world size 1 | per process 8 images x 2 views = 16 crops" in result.stdout
+    names = {p.name for p in out.iterdir()}
+    assert {"args.json", "metrics.jsonl", "last.pt", "best.pt", "backbone.pt"} <= names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and "knn_top1" in records[1]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["method"] == "mmcr" and ckpt["epoch"] == 1 and ckpt["step"] == 8
+    net = torchvision.models.resnet18()
+    net.conv1, net.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+    missing = net.load_state_dict(torch.load(out / "backbone.pt", weights_only=True), strict=False)
+    assert missing.missing_keys == ["fc.weight", "fc.bias"] and not missing.unexpected_keys
+    result = run_script("mmcr/finetune.py", "--checkpoint", out / "last.pt", "--dev", "64",
+                        "--batch-size", "16", "--max-epochs", "1", "--num-workers", "0")
+    assert result.returncode == 0, result.stderr
+    assert "loaded 120 backbone tensors" in result.stdout
+    record = json.loads((out / "finetune-linear" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= record["top1"] <= 100 and "top5" in record
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
+    flags = [*TINY, "--dev", "32", "--max-epochs", "2", "--eval-every", "0"]
+    pretrain.main([*flags, "--output-dir", str(tmp_path / "straight")])
+    step_once = pretrain.train_step
+
+    def crash_in_second_epoch(*args):
+        if len(calls) == 6:  # 4 steps per epoch: dies mid-way through epoch 2
+            raise Killed
+        calls.append(1)
+        return step_once(*args)
+
+    calls = []
+    monkeypatch.setattr(pretrain, "train_step", crash_in_second_epoch)
+    with pytest.raises(Killed):
+        pretrain.main([*flags, "--output-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(pretrain, "train_step", step_once)
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    pretrain.main([*flags, "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 8
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for k in a["optimizer"]["state"]:
+        assert torch.equal(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+
+
+def _fails(main, argv, capsys, match):
+    """main(argv) must print one error line naming the problem and exit with code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
+    flags = [*TINY, "--dev", "32", "--max-epochs", "1", "--output-dir", str(tmp_path / "r")]
+    _fails(pretrain.main, [*flags, "--dataset", "imagenet"], capsys, "invalid choice")
+    _fails(pretrain.main, [*flags, "--dataset", "cifar10", "--data-dir", str(tmp_path)], capsys,
+           "cifar-10-batches-py")
+    (tmp_path / "empty").mkdir()
+    _fails(pretrain.main, [*flags, "--dataset", "imagefolder", "--data-dir",
+                           str(tmp_path / "empty")], capsys, "no images")
+    _fails(pretrain.main, [*flags, "--num-views", "1"], capsys, "--num-views")
+    _fails(pretrain.main, [*flags, "--batch-size", "1"], capsys, "BatchNorm")
+    _fails(pretrain.main, [*flags, "--dev", "4"], capsys, "fewer than one global batch")
+    _fails(pretrain.main, [*flags, "--image-size", "4"], capsys, "too small")
+    _fails(finetune.main, ["--checkpoint", str(tmp_path / "none.pt")], capsys, "does not exist")
+    (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
+    _fails(finetune.main, ["--checkpoint", str(tmp_path / "corrupt.pt")], capsys, "corrupt")
+    torch.save({"method": "nnclr", "model": {}, "args": {}}, tmp_path / "other.pt")
+    _fails(finetune.main, ["--checkpoint", str(tmp_path / "other.pt")], capsys, "'nnclr'")
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_cli_error_has_no_traceback():
+    result = run_script("mmcr/pretrain.py", "--num-views", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --num-views must be at least 2 (got 1): MMCR averages views (see --help)"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    flags = [*TINY, "--dev", "32", "--max-epochs", "2", "--eval-every", "0", "--output-dir",
+             str(tmp_path)]
+    real_loss = pretrain.mmcr_loss
+    calls = []
+
+    def nan_in_second_epoch(z, z_momentum, lmbda):
+        loss, logs = real_loss(z, z_momentum, lmbda)
+        calls.append(1)
+        return (loss * float("nan"), logs) if len(calls) == 6 else (loss, logs)
+
+    monkeypatch.setattr(pretrain, "mmcr_loss", nan_in_second_epoch)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(pretrain.main, flags)
+    assert exit_info.value.code == 1
+    assert "non-finite loss at step 5" in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
+                                      if v.is_floating_point())
+
+
+def test_short_run_lowers_loss_and_lifts_knn(tmp_path, monkeypatch):
+    # the real script and loop with a three-layer CNN in place of the ResNet, so ~80 steps fit
+    # in seconds; 10 shape classes, chance = 10%
+    monkeypatch.setattr(mmcr_model, "resnet", tiny_cnn)
+    monkeypatch.setitem(mmcr_model.FEATURE_DIM, "resnet18", TINY_FEATURES)
+    pretrain.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "512",
+                   "--batch-size", "32", "--num-views", "4", "--max-epochs", "5",
+                   "--learning-rate", "3e-3", "--num-workers", "0", "--num-neighbours", "10",
+                   "--temperature", "0.1", "--eval-every", "5", "--output-dir", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[1]["loss"] - 1.0
+    assert records[-1]["knn_top1"] > records[0]["knn_top1"] + 5.0, records
