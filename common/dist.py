@@ -70,6 +70,14 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Rank `src`'s x on every rank (in place), no gradient; e.g. one shared random permutation."""
+    if world_size() > 1:
+        dist.broadcast(x, src)
+    return x
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather whose backward sums every rank's gradient and returns this rank's slice.
 

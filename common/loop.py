@@ -5,6 +5,7 @@ A method hands over `step_fn(batch, step) -> dict of detached scalars` (with a "
 everything method-specific (forward, loss, optimizer step, EMA/queue update) lives there.
 """
 import json
+import math
 import resource
 import shutil
 import time
@@ -58,10 +59,12 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def check_finite(out: dict, step: int) -> None:
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32).cpu() for v in out.values()])
+def check_finite(out: dict, step: int, device) -> None:
+    """Stop at the first non-finite logged value (one host sync for all of them)."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device)
+                          for v in out.values()])
     if not bool(torch.isfinite(values).all()):
-        bad = [k for k, v in out.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+        bad = [k for k, v in zip(out, values.tolist()) if not math.isfinite(v)]
         raise NonFiniteLoss(f"non-finite {', '.join(bad)} at step {step}; the run stopped and "
                             "last.pt still holds the last good epoch (try --precision fp32 or a "
                             "lower --learning-rate)")
@@ -141,7 +144,7 @@ def fit(*, method, args, d, model, optimizer, scaler, step_fn, loader, sampler, 
         for batch in bar:
             wait += time.perf_counter() - t
             out = step_fn(batch, step)
-            check_finite(out, step)
+            check_finite(out, step, d.device)
             sums = {k: sums.get(k, 0) + v for k, v in out.items()}
             step, n_steps = step + 1, n_steps + 1
             if step % args.log_every == 0:

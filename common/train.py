@@ -44,7 +44,7 @@ def run_main(main, argv=None) -> None:
 
 
 def add_common_args(parser, *, batch_size, max_epochs, learning_rate, warmup_duration,
-                    weight_decay, knn_temperature=0.5):
+                    weight_decay, knn_temperature=0.5, learning_rate_help="peak learning rate"):
     """The flags every pretrain.py shares (MMCR playground spellings); defaults per method."""
     a = parser.add_argument
     a("--dataset", default="cifar10",
@@ -57,7 +57,7 @@ def add_common_args(parser, *, batch_size, max_epochs, learning_rate, warmup_dur
     a("--batch-size", type=int, default=batch_size, help="images per process per step "
       "(the global batch is this x world size)")
     a("--max-epochs", type=int, default=max_epochs, help="pretraining epochs")
-    a("--learning-rate", type=float, default=learning_rate, help="peak learning rate")
+    a("--learning-rate", type=float, default=learning_rate, help=learning_rate_help)
     a("--warmup-duration", type=float, default=warmup_duration,
       help="linear warmup as a fraction of all steps, then cosine decay")
     a("--weight-decay", type=float, default=weight_decay, help="weight decay")

@@ -8,7 +8,7 @@ import torchvision
 
 from common import dist
 from common.train import run_main
-from helpers import TINY_FEATURES, run_distributed, run_script, tiny_cnn
+from helpers import TINY_FEATURES, TinyCNN, run_distributed, run_script
 from mmcr import finetune, pretrain
 from mmcr import model as mmcr_model
 from mmcr.model import MMCR, mmcr_loss
@@ -215,7 +215,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 def test_short_run_lowers_loss_and_lifts_knn(tmp_path, monkeypatch):
     # the real script and loop with a three-layer CNN in place of the ResNet, so ~80 steps fit
     # in seconds; 10 shape classes, chance = 10%
-    monkeypatch.setattr(mmcr_model, "resnet", tiny_cnn)
+    monkeypatch.setattr(mmcr_model, "resnet", TinyCNN)
     monkeypatch.setitem(mmcr_model.FEATURE_DIM, "resnet18", TINY_FEATURES)
     pretrain.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "512",
                    "--batch-size", "32", "--num-views", "4", "--max-epochs", "5",

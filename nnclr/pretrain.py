@@ -1,0 +1,186 @@
+"""NNCLR pretraining (Nearest-Neighbor Contrastive Learning of visual representations).
+
+    python nnclr/pretrain.py --dataset cifar10 --batch-size 256           # one GPU (or CPU)
+    torchrun --nproc_per_node 8 nnclr/pretrain.py --batch-size 32         # global batch 256
+    python nnclr/pretrain.py --output-dir runs/nnclr/<run> --resume auto  # continue a run
+    python nnclr/pretrain.py --dataset synthetic --max-epochs 2 --dev --queue-size 2048  # smoke
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
+
+import torch
+
+from common import dist
+from common.augment import MultiView, View
+from common.backbone import add_resnet_args, resolve_stem
+from common.data import dataset_info, pretrain_data
+from common.loop import fit
+from common.train import (Parser, UserError, add_common_args, autocast, resolve_output_dir,
+                          resume_path, run_main, seed_everything, warmup_cosine)
+from nnclr.model import NNCLR, nnclr_loss
+
+
+def get_args(argv=None):
+    p = Parser(description="NNCLR pretraining")
+    # solo-learn CIFAR recipe (scripts/pretrain/cifar/nnclr.yaml): batch 256, 1000 epochs,
+    # 10 warmup epochs (1%), wd 1e-5; kNN T = 0.1 as lightly's CIFAR-10 benchmark (METHODS.md 5)
+    add_common_args(p, batch_size=256, max_epochs=1000, learning_rate=None, warmup_duration=0.01,
+                    weight_decay=1e-5, knn_temperature=0.1, learning_rate_help="peak learning "
+                    "rate; unset: --base-learning-rate x global batch / 256")
+    g = p.add_argument_group("nnclr")
+    add_resnet_args(g)
+    g.add_argument("--base-learning-rate", type=float, default=0.4, help="peak LR per 256 images "
+                   "of global batch (solo-learn: 0.4); used as base x global batch / 256 unless "
+                   "--learning-rate sets the peak LR directly")
+    g.add_argument("--hidden-dim", type=int, default=2048, help="projector hidden width")
+    g.add_argument("--projection-dim", type=int, default=256, help="embedding dim D of the "
+                   "projector, the predictor output and the support set")
+    g.add_argument("--pred-hidden-dim", type=int, default=4096, help="predictor hidden width")
+    g.add_argument("--queue-size", type=int, default=65536, help="support-set size K, a multiple "
+                   "of the global batch (solo-learn 65536, paper 98304). Neighbours are random "
+                   "vectors for the first K / global-batch steps: use 4096-8192 for short runs")
+    g.add_argument("--tau", type=float, default=0.2, help="softmax temperature of the loss "
+                   "(solo-learn CIFAR 0.2, paper 0.1). Not --temperature: that is the kNN "
+                   "monitor's (default 0.1 here, lightly's CIFAR-10 benchmark)")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient "
+                   "(solo-learn); each weight matrix's LR is min(lr, eta x trust ratio), so a "
+                   "huge value gives plain SGD with momentum")
+    args = p.parse_args(argv)
+    if args.batch_size < 2:
+        p.error("--batch-size must be at least 2: BatchNorm and the contrastive loss need it")
+    if args.queue_size < 1:
+        p.error(f"--queue-size must be positive (got {args.queue_size})")
+    if args.tau <= 0:
+        p.error(f"--tau must be positive (got {args.tau})")
+    return args
+
+
+def view_transform(args, info) -> MultiView:
+    """Two asymmetric views (solo-learn asymmetric.yaml, METHODS.md 4.3): crop (0.08, 1), bicubic,
+    jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, flip; solarise only view 2 (0.0 / 0.2); blur
+    1.0 / 0.1 only at ImageNet size (solo-learn IN-100; no blur at 32-64 px)."""
+    big = info.name == "imagefolder"
+    kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), interpolation="bicubic")
+    return MultiView([View(info.image_size, info.mean, info.std, blur_p=1.0 if big else 0.0, **kw),
+                      View(info.image_size, info.mean, info.std, blur_p=0.1 if big else 0.0,
+                           solarize_p=0.2, **kw)])
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al., arXiv 1708.03888) as
+    solo-learn runs it (solo/utils/lars.py, clip_lr and exclude_bias_n_norm on): a parameter
+    with more than one dimension steps with d = (g + wd w) * min(1, eta ||w|| / (||g|| +
+    wd ||w|| + eps) / lr); a 1-D one (bias, BN) with d = g, no decay and no scaling; either way
+    v = momentum v + d, w = w - lr v. As solo-learn, a zero ||w|| or ||g|| also means d = g."""
+
+    def __init__(self, params, lr: float, weight_decay: float, eta: float = 0.02,
+                 momentum: float = 0.9, eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eta=eta,
+                                      momentum=momentum, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad
+                if w.ndim > 1:
+                    w_norm, g_norm = w.norm(), d.norm()
+                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    adapted = (d + wd * w) * torch.clamp(trust / lr, max=1.0)
+                    d = torch.where((w_norm > 0) & (g_norm > 0), adapted, d)
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w)
+                buf = state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                w.add_(buf, alpha=-lr)
+
+
+def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) -> dict:
+    """One step: both views forward, each projection's NN in the support set as it was before
+    this step, the symmetric loss, backward, LARS, then the global batch's view-1 projections
+    are enqueued. net: the (DDP/compiled) module to call; model: the plain module owning the
+    support set. y: labels (B,), -1 when unknown; nn_accuracy: log the NN accuracy."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(args.precision, x1.device):
+        z, p = net(x1, x2)  # (2, B, D) each
+    idx, neighbours = model.nearest_neighbours(z.float())  # (2, B), (2, B, D)
+    loss = nnclr_loss(neighbours, p, args.tau)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    out = {"loss": loss.detach(), "lr": lr}
+    if nn_accuracy:  # share of view-1 queries whose neighbour carries their label (solo-learn)
+        out["nn_acc"] = (model.queue_labels[idx[0]] == y).float().mean()
+    model.enqueue(dist.gather(z[0].detach().float()), dist.gather(y))  # same queue on all ranks
+    return out
+
+
+def main(argv=None):
+    args = get_args(argv)
+    d = dist.setup(args.device)
+    seed_everything(args.seed, d.rank)
+    info = dataset_info(args.dataset, args.image_size)
+    args.image_size, args.stem = info.image_size, resolve_stem(args.stem, info.image_size)
+    images = args.batch_size * d.world_size
+    if args.queue_size % images:
+        raise UserError(f"--queue-size {args.queue_size} must be a multiple of the global batch "
+                        f"{images} (--batch-size {args.batch_size} x {d.world_size} processes), "
+                        f"e.g. {max(1, round(args.queue_size / images)) * images}")
+    if args.learning_rate is None:  # linear scaling rule of solo-learn (solo/args/pretrain.py)
+        args.learning_rate = args.base_learning_rate * images / 256
+    out_dir = resolve_output_dir(args, "nnclr")
+    resume_from = resume_path(args, out_dir)
+
+    # ---- data: B images x 2 asymmetric views per process and step
+    loader, sampler, knn_data = pretrain_data(args, info, view_transform(args, info), d)
+    # NN accuracy needs every pretraining image labelled: not STL-10's train+unlabeled split,
+    # not a flat image folder (no kNN data either)
+    nn_accuracy = knn_data is not None and info.name != "stl10"
+
+    # ---- model, optimizer
+    model = NNCLR(args.backbone, args.stem, args.image_size, args.hidden_dim,
+                  args.projection_dim, args.pred_hidden_dim, args.queue_size).to(d.device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    net = dist.prepare_model(model, d)
+    net = torch.compile(net) if args.compile else net
+    optimizer = LARS(model.parameters(), args.learning_rate, args.weight_decay, args.lars_eta)
+    scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
+    total = args.max_epochs * len(loader)
+    warmup = int(args.warmup_duration * total)
+
+    dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+    dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x 2 views | "
+                f"global {images} images per step | {len(loader)} steps/epoch | peak lr "
+                f"{args.learning_rate:g} (base {args.base_learning_rate:g} x {images} / 256 "
+                f"unless set) | support set {args.queue_size} = {args.queue_size // images} "
+                f"steps of random vectors before it is full | {out_dir}")
+
+    # ---- train
+    def step_fn(batch, step):
+        (x1, x2), y = batch  # (B, C, H, W) x 2, (B,)
+        x1, x2 = (x.to(d.device, non_blocking=True).contiguous(memory_format=memory_format)
+                  for x in (x1, x2))
+        lr = warmup_cosine(step, total, warmup, args.learning_rate)
+        return train_step(net, model, x1, x2, y.to(d.device), optimizer, scaler, lr, args,
+                          nn_accuracy)
+
+    fit(method="nnclr", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,
+        step_fn=step_fn, loader=loader, sampler=sampler, backbone=model.backbone,
+        knn_data=knn_data, out_dir=out_dir, resume_from=resume_from)
+    dist.cleanup()
+
+
+if __name__ == "__main__":
+    run_main(main)
