@@ -62,7 +62,8 @@ def barrier() -> None:
 @torch.no_grad()
 def gather(x: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0, concatenated in rank order. *No gradient* flows back through it:
-    use it for queue keys and support sets, never inside a loss that must train the gathered part."""
+    use it for queue keys and support sets, never inside a loss that must train the gathered
+    part."""
     if world_size() == 1:
         return x
     out = [torch.empty_like(x) for _ in range(world_size())]

@@ -66,7 +66,8 @@ def _data(args, pre_args, d):
     test = load_split(info, data_dir, "test", eval_transform(
         info.image_size, info.mean, info.std, info.test_resize), args.seed, args.dev)
     if train is None or test is None or not num_classes(train):
-        raise UserError(f"{name} at {data_dir} has no labelled train/ and val/ splits to finetune on")
+        raise UserError(f"{name} at {data_dir} has no labelled train/ and val/ splits to "
+                        "finetune on")
     return train, test
 
 

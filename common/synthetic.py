@@ -4,7 +4,8 @@ Ten shape classes (disk, square, triangle, cross, ring, diamond, horizontal stri
 stripes, checkerboard, two dots) drawn at a random position and scale with foreground and background
 colours from a small shared palette plus pixel noise. Colour and position carry no label
 information, and few colour pairs exist, so colour cannot tell images apart: a network has to
-learn shape, for the labels and for telling images apart in a self-supervised loss. Image i of a split is a pure function of (seed, i).
+learn shape, for the labels and for telling images apart in a self-supervised loss.
+Image i of a split is a pure function of (seed, i).
 """
 import torch
 import torchvision.transforms.functional as F

@@ -106,6 +106,24 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def backward_step(loss, optimizer, scaler=None, clip_params=None, max_norm=math.inf):
+    """zero_grad, backward (loss-scaled for fp16), optional grad-norm clipping of `clip_params`
+    on the unscaled gradients, then the optimizer step. Returns the clipped norm (or None)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    norm = None if clip_params is None else torch.nn.utils.clip_grad_norm_(clip_params, max_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return norm
+
+
 def rng_state() -> dict:
     """This process's RNG state (python, torch CPU, CUDA) in weights_only-loadable types."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}

@@ -18,8 +18,9 @@ from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
 from common.data import dataset_info, pretrain_data
 from common.loop import fit
-from common.train import (Parser, UserError, add_common_args, autocast, resolve_output_dir,
-                          resume_path, run_main, seed_everything, warmup_cosine)
+from common.train import (Parser, UserError, add_common_args, autocast, backward_step,
+                          resolve_output_dir, resume_path, run_main, seed_everything,
+                          warmup_cosine)
 from densecl.model import DenseCL, densecl_loss, match_accuracy, match_locations
 
 LR_BATCH = 128  # --learning-rate is per 128 images (lightly MoCo CIFAR-10 benchmark)
@@ -104,14 +105,7 @@ def train_step(net, model, x_q, x_k, boxes, optimizer, scaler, lr, args) -> dict
     match = match_locations(out["f_q"], out["f_k"])  # (B, S)
     loss, logs = densecl_loss(out["q"], out["k"], model.queue, out["q_grid"], out["k_grid"],
                               model.queue_dense, match, args.tau, args.dense_weight)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    backward_step(loss, optimizer, scaler)
     model.enqueue(out["k_all"], out["k2_all"])  # after the loss: the queue held older keys
     h, w = out["f_q"].shape[-2:]
     return {"loss": loss.detach(), **logs, "lr": lr,

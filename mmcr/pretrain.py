@@ -17,8 +17,8 @@ from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
 from common.data import dataset_info, pretrain_data
 from common.loop import fit
-from common.train import (Parser, add_common_args, autocast, resolve_output_dir, resume_path,
-                          run_main, seed_everything, warmup_cosine)
+from common.train import (Parser, add_common_args, autocast, backward_step, resolve_output_dir,
+                          resume_path, run_main, seed_everything, warmup_cosine)
 from mmcr.model import MMCR, mmcr_loss
 
 
@@ -69,14 +69,7 @@ def train_step(net, model, x, optimizer, scaler, lr, args) -> dict:
     with autocast(args.precision, x.device):
         z, z_momentum = net(x, args.num_views)
     loss, logs = mmcr_loss(z, z_momentum, args.lmbda)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    backward_step(loss, optimizer, scaler)
     if args.momentum_tau is not None:
         model.update_momentum(args.momentum_tau)
     return {"loss": loss.detach(), **logs, "lr": lr}

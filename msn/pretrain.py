@@ -19,8 +19,8 @@ from common import dist
 from common.augment import MultiView, View
 from common.data import dataset_info, pretrain_data
 from common.loop import fit
-from common.train import (Parser, add_common_args, autocast, resolve_output_dir, resume_path,
-                          run_main, seed_everything)
+from common.train import (Parser, add_common_args, autocast, backward_step, resolve_output_dir,
+                          resume_path, run_main, seed_everything)
 from msn.model import ARCHS, MSN, msn_loss, vit_config
 
 # MSN runs stretch the LR, WD and EMA schedules over 1.25 x the run ([MSN-off] msn_train.py)
@@ -151,20 +151,9 @@ def train_step(net, model, views, optimizer, scaler, schedule, args) -> dict:
         z, h = net(views, args.mask_ratio, args.mask_per_image)  # (V*B, D), (B, D)
     loss, logs = msn_loss(z, h, model.prototypes, args.tau, args.sharpen, args.sinkhorn_iters,
                           args.memax_weight)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     # clip the encoder and projector only, not the prototypes, as official
     online = [p for m in (model.encoder, model.projector) for p in m.parameters()]
-    grad_norm = torch.nn.utils.clip_grad_norm_(online, args.clip_grad or math.inf)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    grad_norm = backward_step(loss, optimizer, scaler, online, args.clip_grad or math.inf)
     model.update_target(momentum)
     out = {"loss": loss.detach(), **logs, "lr": lr, "weight_decay": wd, "ema": momentum}
     if scaler is None:  # fp16: steps with inf gradients are skipped by the scaler, not errors

@@ -17,8 +17,9 @@ from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
 from common.data import dataset_info, pretrain_data
 from common.loop import fit
-from common.train import (Parser, UserError, add_common_args, autocast, resolve_output_dir,
-                          resume_path, run_main, seed_everything, warmup_cosine)
+from common.train import (Parser, UserError, add_common_args, autocast, backward_step,
+                          resolve_output_dir, resume_path, run_main, seed_everything,
+                          warmup_cosine)
 from nnclr.model import NNCLR, nnclr_loss
 
 
@@ -111,14 +112,7 @@ def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) 
         z, p = net(x1, x2)  # (2, B, D) each
     idx, neighbours = model.nearest_neighbours(z.float())  # (2, B), (2, B, D)
     loss = nnclr_loss(neighbours, p, args.tau)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        optimizer.step()
+    backward_step(loss, optimizer, scaler)
     out = {"loss": loss.detach(), "lr": lr}
     if nn_accuracy:  # share of view-1 queries whose neighbour carries their label (solo-learn)
         out["nn_acc"] = (model.queue_labels[idx[0]] == y).float().mean()

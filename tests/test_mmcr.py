@@ -152,8 +152,8 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
     assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for k in a["optimizer"]["state"]:
-        assert torch.equal(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+    for k, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
 
 
 def _fails(main, argv, capsys, match):
