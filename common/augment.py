@@ -61,9 +61,6 @@ class MultiView:
         boxes = torch.tensor([box for _, box in out], dtype=torch.float32) / scale
         return tensors, boxes
 
-    def __len__(self):
-        return len(self.views)
-
 
 def eval_transform(size, mean, std, resize=None):
     """Deterministic transform for the kNN bank, the test split and finetune evaluation."""

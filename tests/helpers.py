@@ -5,9 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torchvision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,42 @@ def run_script(script: str, *flags, timeout: int = 300, env=None) -> subprocess.
     env.pop("RANK", None)
     return subprocess.run([sys.executable, script, *map(str, flags)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class Killed(Exception):
+    """Stands for a kill -9 in the middle of training."""
+
+
+def straight_and_resumed(pretrain, flags, tmp_path, monkeypatch, kill_before_step=6):
+    """Runs pretrain.main(flags) once straight through, and once killed before the
+    `kill_before_step`-th call of train_step and then continued with --resume auto.
+    Returns (straight last.pt, resumed last.pt, epoch of last.pt at the kill)."""
+    pretrain.main([*flags, "--output-dir", str(tmp_path / "straight")])
+    step_once, calls = pretrain.train_step, []
+
+    def killed(*args):
+        if len(calls) == kill_before_step:
+            raise Killed
+        calls.append(1)
+        return step_once(*args)
+
+    monkeypatch.setattr(pretrain, "train_step", killed)
+    with pytest.raises(Killed):
+        pretrain.main([*flags, "--output-dir", str(tmp_path / "run")])
+    monkeypatch.setattr(pretrain, "train_step", step_once)
+    epoch_at_kill = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"]
+    pretrain.main([*flags, "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
+    return (torch.load(tmp_path / "straight" / "last.pt", weights_only=True),
+            torch.load(tmp_path / "run" / "last.pt", weights_only=True), epoch_at_kill)
+
+
+def load_into_torchvision_resnet18(path):
+    """load_state_dict(strict=False) result of a backbone.pt in torchvision's resnet18 with
+    the CIFAR stem (3x3 stride-1 conv1, no max-pool)."""
+    net = torchvision.models.resnet18()
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    net.maxpool = torch.nn.Identity()
+    return net.load_state_dict(torch.load(path, weights_only=True), strict=False)
 
 
 TINY_FEATURES = 64

@@ -20,7 +20,8 @@ from densecl import finetune, pretrain
 from densecl import model as densecl_model
 from densecl.model import (DenseCL, SplitBatchNorm2d, densecl_loss, match_accuracy,
                            match_locations, true_match)
-from helpers import TINY_FEATURES, TinyCNN, run_distributed, run_script
+from helpers import (TINY_FEATURES, TinyCNN, load_into_torchvision_resnet18, run_distributed,
+                     run_script, straight_and_resumed)
 
 TINY_MODEL = dict(arch="resnet18", stem="cifar", image_size=16, hidden_dim=32, projection_dim=16)
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--num-workers", "0",
@@ -366,10 +367,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert {"loss_global", "loss_dense", "match_acc", "queue_fill", "knn_top1"} <= \
         set(records[1])
     assert records[1]["queue_fill"] == pytest.approx((8 + 16 * 7) / 16 / 8)  # mean over steps
-    net = torchvision.models.resnet18()  # backbone.pt: torchvision names, CIFAR stem
-    net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
-    result = net.load_state_dict(torch.load(out / "backbone.pt", weights_only=True),
-                                 strict=False)
+    result = load_into_torchvision_resnet18(out / "backbone.pt")  # torchvision names, CIFAR stem
     assert result.missing_keys == ["fc.weight", "fc.bias"] and not result.unexpected_keys
     tune = run_script("densecl/finetune.py", "--checkpoint", out / "last.pt", "--max-epochs",
                       "1", "--batch-size", "16", "--num-workers", "0", "--dev", "64")
@@ -379,29 +377,10 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert 0 <= record["top1"] <= 100
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     flags = [*TINY, "--dev", "32", "--max-epochs", "2", "--eval-every", "0"]
-    pretrain.main([*flags, "--output-dir", str(tmp_path / "straight")])
-    step_once = pretrain.train_step
-    calls = []
-
-    def killed_in_epoch_two(*args):
-        if len(calls) == 6:  # 4 steps per epoch: dies mid-way through epoch 2
-            raise Killed
-        calls.append(1)
-        return step_once(*args)
-
-    monkeypatch.setattr(pretrain, "train_step", killed_in_epoch_two)
-    with pytest.raises(Killed):
-        pretrain.main([*flags, "--output-dir", str(tmp_path / "run")])
-    monkeypatch.setattr(pretrain, "train_step", step_once)
-    pretrain.main([*flags, "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    # 4 steps per epoch: killed mid-way through epoch 2
+    a, b, _ = straight_and_resumed(pretrain, flags, tmp_path, monkeypatch)
     assert a["step"] == b["step"] == 8 and "queue_dense" in a["model"]
     for name, value in a["model"].items():  # weights, momentum copies, BN statistics, queues
         assert torch.equal(value, b["model"][name]), name

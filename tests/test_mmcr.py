@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-import torchvision
 
 from common import dist
 from common.train import run_main
-from helpers import TINY_FEATURES, TinyCNN, run_distributed, run_script
+from helpers import (TINY_FEATURES, TinyCNN, load_into_torchvision_resnet18, run_distributed,
+                     run_script, straight_and_resumed)
 from mmcr import finetune, pretrain
 from mmcr import model as mmcr_model
 from mmcr.model import MMCR, mmcr_loss
@@ -113,9 +112,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert [r["epoch"] for r in records] == [0, 1] and "knn_top1" in records[1]
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["method"] == "mmcr" and ckpt["epoch"] == 1 and ckpt["step"] == 8
-    net = torchvision.models.resnet18()
-    net.conv1, net.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
-    missing = net.load_state_dict(torch.load(out / "backbone.pt", weights_only=True), strict=False)
+    missing = load_into_torchvision_resnet18(out / "backbone.pt")
     assert missing.missing_keys == ["fc.weight", "fc.bias"] and not missing.unexpected_keys
     result = run_script("mmcr/finetune.py", "--checkpoint", out / "last.pt", "--dev", "64",
                         "--batch-size", "16", "--max-epochs", "1", "--num-workers", "0")
@@ -125,30 +122,11 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert 0 <= record["top1"] <= 100 and "top5" in record
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
     flags = [*TINY, "--dev", "32", "--max-epochs", "2", "--eval-every", "0"]
-    pretrain.main([*flags, "--output-dir", str(tmp_path / "straight")])
-    step_once = pretrain.train_step
-
-    def crash_in_second_epoch(*args):
-        if len(calls) == 6:  # 4 steps per epoch: dies mid-way through epoch 2
-            raise Killed
-        calls.append(1)
-        return step_once(*args)
-
-    calls = []
-    monkeypatch.setattr(pretrain, "train_step", crash_in_second_epoch)
-    with pytest.raises(Killed):
-        pretrain.main([*flags, "--output-dir", str(tmp_path / "run")])
-    monkeypatch.setattr(pretrain, "train_step", step_once)
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
-    pretrain.main([*flags, "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    # 4 steps per epoch: killed mid-way through epoch 2
+    a, b, epoch_at_kill = straight_and_resumed(pretrain, flags, tmp_path, monkeypatch)
+    assert epoch_at_kill == 1
     assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

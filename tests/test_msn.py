@@ -11,7 +11,7 @@ import torchvision
 from common.train import load_checkpoint
 from msn import finetune, pretrain
 from msn.model import MSN, ViT, keep_tokens, msn_loss, resize_pos_embedding, sinkhorn, vit_config
-from tests.helpers import run_distributed, run_script
+from helpers import run_distributed, run_script, straight_and_resumed
 
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--patch-size", "4", "--num-workers",
         "0", "--arch", "vit_tiny", "--depth", "1", "--focal-views", "2", "--hidden-dim", "64",
@@ -238,29 +238,11 @@ def test_bad_input_exits_with_one_line():
         assert e.value.code == 2, flags
 
 
-class Killed(Exception):
-    pass
-
-
 def test_resume_equals_straight_run(tmp_path, monkeypatch):
     flags = TINY + ["--dev", "32", "--batch-size", "8", "--max-epochs", "2", "--eval-every",
                     "0", "--hidden-dim", "32", "--num-prototypes", "8"]
-    pretrain.main(flags + ["--output-dir", str(tmp_path / "straight")])
-    step_once, calls = pretrain.train_step, []
-
-    def killed_in_epoch_two(*args):
-        if len(calls) == 6:  # 4 steps per epoch: dies in the middle of epoch 2
-            raise Killed
-        calls.append(1)
-        return step_once(*args)
-
-    monkeypatch.setattr(pretrain, "train_step", killed_in_epoch_two)
-    with pytest.raises(Killed):
-        pretrain.main(flags + ["--output-dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(pretrain, "train_step", step_once)
-    pretrain.main(flags + ["--output-dir", str(tmp_path / "resumed"), "--resume", "auto"])
-    a = load_checkpoint(tmp_path / "straight" / "last.pt", "msn")
-    b = load_checkpoint(tmp_path / "resumed" / "last.pt", "msn")
+    # 4 steps per epoch: dies in the middle of epoch 2
+    a, b, _ = straight_and_resumed(pretrain, flags, tmp_path, monkeypatch)
     assert a["step"] == b["step"] == 8
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:  # online and target encoders, projectors (BN stats), prototypes
