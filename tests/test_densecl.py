@@ -388,15 +388,20 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path, monkeypatch):
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
 
 
-def test_short_run_lowers_both_losses(tmp_path, monkeypatch):
+def test_short_run_lowers_the_losses_and_lifts_knn_and_matching(tmp_path, monkeypatch):
+    # the real script and loop (CIFAR lr, EMA, tau, lambda) with a three-layer CNN in place of
+    # the ResNet, a short queue and 2 BN groups: 320 steps in about 20 s. Seeds 1, 2, 3 gave
+    # kNN +19.1, +13.3, +18.4 points.
     monkeypatch.setattr(densecl_model, "resnet", TinyCNN)
     monkeypatch.setitem(densecl_model.FEATURE_DIM, "resnet18", TINY_FEATURES)
-    pretrain.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "512",
-                   "--batch-size", "32", "--num-workers", "0", "--max-epochs", "6",
-                   "--queue-size", "128", "--bn-splits", "2", "--learning-rate", "0.5",
-                   "--num-neighbours", "10", "--eval-every", "6", "--output-dir", str(tmp_path)])
+    pretrain.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "1024",
+                   "--batch-size", "32", "--num-workers", "0", "--max-epochs", "10",
+                   "--queue-size", "128", "--bn-splits", "2", "--num-neighbours", "10",
+                   "--eval-every", "10", "--output-dir", str(tmp_path)])
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     first, last = records[1], records[-1]
-    assert last["loss"] < first["loss"] - 0.4, records
+    assert last["loss"] < first["loss"] - 1.0, records
     assert last["loss_global"] < first["loss_global"] and last["loss_dense"] < first["loss_dense"]
-    assert last["knn_top1"] > 15  # 10 classes: no collapse (the kNN does not rise this early)
+    assert last["knn_top1"] > records[0]["knn_top1"] + 5.0, records  # 10 classes
+    # the dense branch learns correspondences: chance is 1/16 on the 4x4 map
+    assert last["match_acc"] > first["match_acc"] + 0.02 and last["match_acc"] > 0.15
