@@ -12,8 +12,9 @@ from torchvision import transforms as T
 from common import dist
 from common.data import dataset_info
 from common.train import run_main
-from helpers import (load_into_torchvision_resnet18, run_distributed, run_script,
-                     straight_and_resumed)
+from helpers import (TINY_FEATURES, TinyCNN, load_into_torchvision_resnet18, run_distributed,
+                     run_script, straight_and_resumed)
+from nnclr import model as nnclr_model
 from nnclr import pretrain
 from nnclr.model import NNCLR, nnclr_loss
 from nnclr.pretrain import LARS, train_step
@@ -194,6 +195,25 @@ def test_short_run_lowers_the_loss():
     assert outs[0]["nn_acc"] == 0  # first lookup: only random unit vectors, labels -1
     assert torch.equal(model.queue_labels, y)  # one full queue of view-1 projections
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_short_run_lowers_the_loss_and_lifts_knn_and_nn_acc(tmp_path, monkeypatch):
+    # the real script and loop (LARS, solo-learn's lr rule and schedule) with a three-layer CNN
+    # in place of the ResNet, smaller heads and a 128-row support set: 192 steps in about 12 s.
+    # Seeds 1, 2 gave kNN +12.1, +6.3 points and nn_acc 0.17 -> 0.41.
+    monkeypatch.setattr(nnclr_model, "resnet", TinyCNN)
+    monkeypatch.setitem(nnclr_model.FEATURE_DIM, "resnet18", TINY_FEATURES)
+    pretrain.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "1024",
+                   "--batch-size", "32", "--num-workers", "0", "--max-epochs", "6",
+                   "--queue-size", "128", "--hidden-dim", "256", "--pred-hidden-dim", "256",
+                   "--projection-dim", "64", "--num-neighbours", "10", "--eval-every", "6",
+                   "--output-dir", str(tmp_path)])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[1], records[-1]
+    assert last["loss"] < first["loss"] - 0.3, records
+    assert last["knn_top1"] > records[0]["knn_top1"] + 5.0, records  # 10 classes
+    # the support-set neighbours come to share the query's class (chance 0.1)
+    assert last["nn_acc"] > first["nn_acc"] + 0.05
 
 
 @pytest.mark.parametrize("flags, message", [
