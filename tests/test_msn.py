@@ -283,7 +283,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
 
 
 def test_short_run_lowers_the_loss_and_lifts_knn(tmp_path):
-    # 512 steps of a one-block ViT-Tiny/4 at 16 px, about 55 s. Short-run settings, not the
+    # 512 steps of a one-block ViT-Tiny/4 at 16 px, about 50 s. Short-run settings, not the
     # official ones: the 0.996 -> 1 target EMA would leave the evaluated target encoder near
     # its initial weights; the official crop scales leave a few pixels of shape at 16 px; and
     # at lr 1e-3 the first few hundred steps lose the random ViT's features (kNN dips) before
