@@ -1,4 +1,5 @@
 """Test helpers: multi-process gloo runs and the scripts as subprocesses."""
+import json
 import os
 import socket
 import subprocess
@@ -102,3 +103,14 @@ class TinyCNN(torch.nn.Module):
     def forward(self, x):
         from common.backbone import feature_map
         return feature_map(self, x).mean((2, 3))  # (B, TINY_FEATURES)
+
+
+def use_tiny_cnn(monkeypatch, model_module) -> None:
+    """Make `model_module` (a method's model.py) build TinyCNN where it builds a resnet18."""
+    monkeypatch.setattr(model_module, "resnet", TinyCNN)
+    monkeypatch.setitem(model_module.FEATURE_DIM, "resnet18", TINY_FEATURES)
+
+
+def read_metrics(run_dir) -> list:
+    """The records of a run directory's metrics.jsonl, one dict per epoch."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

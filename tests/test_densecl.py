@@ -1,6 +1,5 @@
 """DenseCL: losses against naive loops, matching, momentum keys, queues, split/shuffle BN,
 the matching-accuracy metric, 1 vs 2 processes, and the scripts end to end on `synthetic`."""
-import json
 import math
 import warnings
 from types import SimpleNamespace
@@ -20,8 +19,8 @@ from densecl import finetune, pretrain
 from densecl import model as densecl_model
 from densecl.model import (DenseCL, SplitBatchNorm2d, densecl_loss, match_accuracy,
                            match_locations, true_match)
-from helpers import (TINY_FEATURES, TinyCNN, load_into_torchvision_resnet18, run_distributed,
-                     run_script, straight_and_resumed)
+from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed, run_script,
+                     straight_and_resumed, use_tiny_cnn)
 
 TINY_MODEL = dict(arch="resnet18", stem="cifar", image_size=16, hidden_dim=32, projection_dim=16)
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--num-workers", "0",
@@ -362,7 +361,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
                      "--output-dir", out)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "lr: base 0.06 x 8/128 = 0.00375" in run.stdout
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1]
     assert {"loss_global", "loss_dense", "match_acc", "queue_fill", "knn_top1"} <= \
         set(records[1])
@@ -373,7 +372,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
                       "1", "--batch-size", "16", "--num-workers", "0", "--dev", "64")
     assert tune.returncode == 0, tune.stderr[-2000:]
     assert "loaded 120 backbone tensors from 'backbone.*'" in tune.stdout
-    record = json.loads((out / "finetune-linear" / "metrics.jsonl").read_text().splitlines()[-1])
+    record = read_metrics(out / "finetune-linear")[-1]
     assert 0 <= record["top1"] <= 100
 
 
@@ -392,13 +391,12 @@ def test_short_run_lowers_the_losses_and_lifts_knn_and_matching(tmp_path, monkey
     # the real script and loop (CIFAR lr, EMA, tau, lambda) with a three-layer CNN in place of
     # the ResNet, a short queue and 2 BN groups: 320 steps in about 20 s. Seeds 1, 2, 3 gave
     # kNN +19.1, +13.3, +18.4 points.
-    monkeypatch.setattr(densecl_model, "resnet", TinyCNN)
-    monkeypatch.setitem(densecl_model.FEATURE_DIM, "resnet18", TINY_FEATURES)
+    use_tiny_cnn(monkeypatch, densecl_model)
     pretrain.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "1024",
                    "--batch-size", "32", "--num-workers", "0", "--max-epochs", "10",
                    "--queue-size", "128", "--bn-splits", "2", "--num-neighbours", "10",
                    "--eval-every", "10", "--output-dir", str(tmp_path)])
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     first, last = records[1], records[-1]
     assert last["loss"] < first["loss"] - 1.0, records
     assert last["loss_global"] < first["loss_global"] and last["loss_dense"] < first["loss_dense"]

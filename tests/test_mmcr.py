@@ -1,13 +1,11 @@
 """Tests of mmcr/: the loss against independent computations, DDP equivalence, the scripts."""
-import json
-
 import pytest
 import torch
 
 from common import dist
 from common.train import run_main
-from helpers import (TINY_FEATURES, TinyCNN, load_into_torchvision_resnet18, run_distributed,
-                     run_script, straight_and_resumed)
+from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed, run_script,
+                     straight_and_resumed, use_tiny_cnn)
 from mmcr import finetune, pretrain
 from mmcr import model as mmcr_model
 from mmcr.model import MMCR, mmcr_loss
@@ -108,7 +106,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"args.json", "metrics.jsonl", "last.pt", "best.pt", "backbone.pt"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1] and "knn_top1" in records[1]
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["method"] == "mmcr" and ckpt["epoch"] == 1 and ckpt["step"] == 8
@@ -118,7 +116,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
                         "--batch-size", "16", "--max-epochs", "1", "--num-workers", "0")
     assert result.returncode == 0, result.stderr
     assert "loaded 120 backbone tensors" in result.stdout
-    record = json.loads((out / "finetune-linear" / "metrics.jsonl").read_text().splitlines()[-1])
+    record = read_metrics(out / "finetune-linear")[-1]
     assert 0 <= record["top1"] <= 100 and "top5" in record
 
 
@@ -193,12 +191,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
 def test_short_run_lowers_loss_and_lifts_knn(tmp_path, monkeypatch):
     # the real script and loop with a three-layer CNN in place of the ResNet, so ~80 steps fit
     # in seconds; 10 shape classes, chance = 10%
-    monkeypatch.setattr(mmcr_model, "resnet", TinyCNN)
-    monkeypatch.setitem(mmcr_model.FEATURE_DIM, "resnet18", TINY_FEATURES)
+    use_tiny_cnn(monkeypatch, mmcr_model)
     pretrain.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "512",
                    "--batch-size", "32", "--num-views", "4", "--max-epochs", "5",
                    "--learning-rate", "3e-3", "--num-workers", "0", "--num-neighbours", "10",
                    "--temperature", "0.1", "--eval-every", "5", "--output-dir", str(tmp_path)])
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     assert records[-1]["loss"] < records[1]["loss"] - 1.0
     assert records[-1]["knn_top1"] > records[0]["knn_top1"] + 5.0, records

@@ -11,7 +11,7 @@ import torchvision
 from common.train import load_checkpoint
 from msn import finetune, pretrain
 from msn.model import MSN, ViT, keep_tokens, msn_loss, resize_pos_embedding, sinkhorn, vit_config
-from helpers import run_distributed, run_script, straight_and_resumed
+from helpers import read_metrics, run_distributed, run_script, straight_and_resumed
 
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--patch-size", "4", "--num-workers",
         "0", "--arch", "vit_tiny", "--depth", "1", "--focal-views", "2", "--hidden-dim", "64",
@@ -257,7 +257,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     out = tmp_path / "run"
     pretrain.main(TINY + ["--dev", "64", "--batch-size", "8", "--max-epochs", "3",
                           "--eval-every", "3", "--output-dir", str(out)])
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1, 2, 3] and "knn_top1" in records[3]
     assert {"cross_entropy", "memax", "prototypes_used", "target_entropy", "anchor_entropy",
             "grad_norm", "lr", "weight_decay", "ema"} <= set(records[1])
@@ -294,7 +294,7 @@ def test_short_run_lowers_the_loss_and_lifts_knn(tmp_path):
                           "--rand-scale", "0.6", "1", "--focal-scale", "0.3", "0.6",
                           "--num-neighbours", "10", "--eval-every", "16",
                           "--output-dir", str(tmp_path)])
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     first, last = records[1], records[-1]
     assert last["cross_entropy"] < first["cross_entropy"] - 0.2, records
     assert last["prototypes_used"] > 12  # of 16: ME-MAX keeps the targets spread

@@ -1,6 +1,5 @@
 """Tests of nnclr/: loss, NN lookup and queue against independent computations, LARS by hand,
 DDP equivalence, and the scripts end to end."""
-import json
 import math
 from types import SimpleNamespace
 
@@ -12,8 +11,8 @@ from torchvision import transforms as T
 from common import dist
 from common.data import dataset_info
 from common.train import run_main
-from helpers import (TINY_FEATURES, TinyCNN, load_into_torchvision_resnet18, run_distributed,
-                     run_script, straight_and_resumed)
+from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed, run_script,
+                     straight_and_resumed, use_tiny_cnn)
 from nnclr import model as nnclr_model
 from nnclr import pretrain
 from nnclr.model import NNCLR, nnclr_loss
@@ -201,14 +200,13 @@ def test_short_run_lowers_the_loss_and_lifts_knn_and_nn_acc(tmp_path, monkeypatc
     # the real script and loop (LARS, solo-learn's lr rule and schedule) with a three-layer CNN
     # in place of the ResNet, smaller heads and a 128-row support set: 192 steps in about 12 s.
     # Seeds 1, 2 gave kNN +12.1, +6.3 points and nn_acc 0.17 -> 0.41.
-    monkeypatch.setattr(nnclr_model, "resnet", TinyCNN)
-    monkeypatch.setitem(nnclr_model.FEATURE_DIM, "resnet18", TINY_FEATURES)
+    use_tiny_cnn(monkeypatch, nnclr_model)
     pretrain.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "1024",
                    "--batch-size", "32", "--num-workers", "0", "--max-epochs", "6",
                    "--queue-size", "128", "--hidden-dim", "256", "--pred-hidden-dim", "256",
                    "--projection-dim", "64", "--num-neighbours", "10", "--eval-every", "6",
                    "--output-dir", str(tmp_path)])
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path)
     first, last = records[1], records[-1]
     assert last["loss"] < first["loss"] - 0.3, records
     assert last["knn_top1"] > records[0]["knn_top1"] + 5.0, records  # 10 classes
@@ -237,7 +235,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert "peak lr 0.0125 (base 0.4 x 8 / 256" in result.stdout
     names = {p.name for p in out.iterdir()}
     assert {"args.json", "metrics.jsonl", "last.pt", "best.pt", "backbone.pt"} <= names
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1]
     assert {"knn_top1", "knn_top5", "nn_acc", "loss"} <= set(records[1])
     ckpt = torch.load(out / "last.pt", weights_only=True)
@@ -250,7 +248,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
                         "--batch-size", "16", "--max-epochs", "1", "--num-workers", "0")
     assert result.returncode == 0, result.stderr
     assert "loaded 120 backbone tensors" in result.stdout
-    record = json.loads((out / "finetune-linear" / "metrics.jsonl").read_text().splitlines()[-1])
+    record = read_metrics(out / "finetune-linear")[-1]
     assert 0 <= record["top1"] <= 100 and "top5" in record
 
 
