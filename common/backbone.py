@@ -9,26 +9,29 @@ FEATURE_DIM = {"resnet18": 512, "resnet50": 2048}
 
 def add_resnet_args(parser) -> None:
     """--backbone / --stem, shared by the ResNet methods."""
-    parser.add_argument("--backbone", default="resnet18", choices=sorted(FEATURE_DIM),
+    parser.add_argument("--backbone", choices=sorted(FEATURE_DIM),
                         help="torchvision ResNet trunk (fc removed)")
     parser.add_argument("--stem", default="auto", choices=["auto", "cifar", "imagenet"],
                         help="cifar: 3x3 stride-1 conv, no maxpool (stride 8); imagenet: 7x7 "
-                             "stride-2 conv + maxpool (stride 32); auto: cifar up to 64 px")
+                             "stride-2 conv + maxpool (stride 32); auto: the recipe's (imagenet "
+                             "for the imagenet recipe, else cifar)")
 
 
-def resolve_stem(stem: str, image_size: int) -> str:
-    return stem if stem != "auto" else ("cifar" if image_size <= 64 else "imagenet")
+def resolve_stem(stem: str, recipe: str) -> str:
+    """--stem auto: the ImageNet stem for the imagenet recipe, the CIFAR stem for cifar and
+    stl10 (the official MMCR code runs STL-10 at 64 px without max-pool too)."""
+    return stem if stem != "auto" else ("imagenet" if recipe == "imagenet" else "cifar")
 
 
-def resnet(arch: str, stem: str, image_size: int) -> nn.Module:
+def resnet(arch: str, stem: str, image_size: int, zero_init_residual: bool = False):
     """ResNet trunk mapping (B, 3, H, W) to (B, FEATURE_DIM[arch]) pooled features. Its
-    state_dict loads into torchvision.models.<arch>() (same stem) with only fc missing."""
-    stem = resolve_stem(stem, image_size)
+    state_dict loads into torchvision.models.<arch>() (same stem) with only fc missing.
+    `stem` is resolved (cifar or imagenet)."""
     smallest = 8 if stem == "cifar" else 32
     if image_size < smallest:
         raise UserError(f"--image-size {image_size} is too small for the {stem} stem "
                         f"(at least {smallest} px)")
-    net = getattr(torchvision.models, arch)()
+    net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
     if stem == "cifar":
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()

@@ -3,6 +3,8 @@
 Splits: "pretrain" (STL-10: train+unlabeled; a flat image folder is accepted, unlabeled),
 "train" (labelled, the kNN bank and finetune set) and "test".
 """
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,15 @@ from common.augment import eval_transform
 from common.synthetic import SyntheticShapes
 from common.train import UserError
 
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# image size, mean, std of each dataset, and of the data each recipe family is written for
+# (CIFAR-10 and STL-10 constants of the official MMCR code, mmcr/cifar_stl/data.py)
+CIFAR10 = (32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
+STL10 = (64, (0.43, 0.42, 0.39), (0.27, 0.26, 0.27))
+IMAGENET = (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+DATASET_STATS = {"cifar10": CIFAR10, "cifar100": (32, (0.5071, 0.4865, 0.4409),
+                                             (0.2673, 0.2564, 0.2762)),
+            "stl10": STL10, "synthetic": (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
+FAMILY_STATS = {"cifar": CIFAR10, "stl10": STL10, "imagenet": IMAGENET}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -28,18 +38,69 @@ class DataInfo:
     test_resize: int | None  # shorter side before the centre crop of the eval transform
 
 
-def dataset_info(name: str, image_size: int | None = None) -> DataInfo:
-    """Image size and normalisation of a dataset (METHODS.md section 0.2)."""
-    size, mean, std = {
-        "cifar10": (32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-        "cifar100": (32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-        "stl10": (64, (0.43, 0.42, 0.39), (0.27, 0.26, 0.27)),
-        "imagefolder": (224, *IMAGENET),
-        "synthetic": (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-    }[name]
-    size = image_size or size
-    resize = {"stl10": size * 70 // 64, "imagefolder": size * 256 // 224}.get(name)
-    return DataInfo(name, size, mean, std, resize)
+def data_family(dataset: str, data_dir, image_size: int | None) -> str:
+    """The recipe family of the data: cifar (CIFAR, synthetic), stl10, or for an image folder
+    by the image size (--image-size, else the first image's shorter side): up to 48 px cifar,
+    up to 128 px stl10, else imagenet."""
+    if dataset != "imagefolder":
+        return "stl10" if dataset == "stl10" else "cifar"
+    size = image_size or first_image_size(Path(data_dir))
+    return "cifar" if size <= 48 else "stl10" if size <= 128 else "imagenet"
+
+
+def first_image_size(root: Path) -> int:
+    """Shorter side of the first image below `root` (sorted walk, train/ before val/)."""
+    if not root.is_dir():
+        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
+                        " or a root with train/ and val/ class folders)")
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(f for f in subfolders if f != "runs")
+        for name in sorted(files):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                with Image.open(Path(folder, name)) as img:
+                    return min(img.size)
+    raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+
+
+def resolve_data(args) -> None:
+    """Fill unset --image-size, --mean, --std: a named dataset's own values, an image folder's
+    from its recipe family (args.recipe must be resolved)."""
+    size, mean, std = DATASET_STATS.get(args.dataset) or FAMILY_STATS[args.recipe]
+    args.image_size = args.image_size or size
+    args.mean, args.std = list(args.mean or mean), list(args.std or std)
+
+
+def dataset_info(cfg) -> DataInfo:
+    """Image size, normalisation and eval resize of a resolved configuration (pretraining args:
+    dataset, recipe, image_size, mean, std). The eval transform resizes the shorter side first
+    for the stl10 (70 -> 64, official MMCR) and imagenet (256 -> 224) families."""
+    size = cfg.image_size
+    resize = {"stl10": size * 70 // 64, "imagenet": size * 256 // 224}.get(cfg.recipe)
+    return DataInfo(cfg.dataset, size, tuple(cfg.mean), tuple(cfg.std), resize)
+
+
+class SkipUnreadable(Dataset):
+    """An image-file dataset in which an image that fails to decode (truncated, corrupt) is
+    replaced by the next readable one, with one warning line naming the file and the count of
+    such files this process has met: a bad file costs one image, not the run."""
+
+    def __init__(self, ds, paths: list):
+        self.ds, self.paths, self.skipped = ds, paths, set()
+        self.classes = getattr(ds, "classes", [])
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        for j in range(i, i + len(self.ds)):
+            try:
+                return self.ds[j % len(self.ds)]
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors
+                self.skipped.add(j % len(self.ds))
+                print(f"warning: skipping unreadable image {self.paths[j % len(self.ds)]} "
+                      f"({type(e).__name__}: {e}); {len(self.skipped)} unreadable so far in this"
+                      " process", file=sys.stderr, flush=True)
+        raise UserError("no image of the dataset could be read")
 
 
 class ImageFiles(Dataset):
@@ -79,12 +140,15 @@ def _imagefolder(root: Path, split: str, transform):
                         " or a root with train/ and val/ class folders)")
     sub = root / ("val" if split == "test" else "train")
     if sub.is_dir():
-        ds = torchvision.datasets.ImageFolder(sub, transform, is_valid_file=_is_image)
-        if not ds.samples:
-            raise UserError(f"no images found in the class folders of {sub}")
-        return ds
+        try:
+            ds = torchvision.datasets.ImageFolder(sub, transform, is_valid_file=_is_image)
+        except FileNotFoundError:  # no class folders, or class folders without images
+            raise UserError(f"{sub} holds no class folders with images: put each class's "
+                            "images in its own subfolder (train/<class>/*.jpg)") from None
+        return SkipUnreadable(ds, [path for path, _ in ds.samples])
     if split == "pretrain":
-        return ImageFiles(root, transform)
+        ds = ImageFiles(root, transform)
+        return SkipUnreadable(ds, ds.files)
     return None  # no labelled split: the kNN monitor / finetune cannot run
 
 

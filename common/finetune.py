@@ -1,6 +1,9 @@
 """The supervised loop every finetune.py uses: a linear probe on a frozen backbone
-(`--finetune-type linear`) or the backbone trained with the classifier (`backbone+linear`)."""
+(`--finetune-type linear`) or the backbone trained with the classifier (`backbone+linear`).
+Defaults: the MMCR playground's probe (Adam lr 1e-2, batch 1024, 50 epochs, 10% warmup);
+README gives each method's official linear-evaluation command."""
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -11,30 +14,46 @@ from common import dist
 from common.augment import eval_transform, supervised_transform
 from common.data import dataset_info, eval_loader, load_split, num_classes, train_loader
 from common.knn import accuracy
-from common.loop import RunLog
-from common.train import (Parser, UserError, autocast, load_checkpoint, save_checkpoint,
+from common.loop import RunLog, summary
+from common.train import (DATASETS, Parser, UserError, at_least, autocast, backward_step,
+                          cpu_cores, load_checkpoint, positive_float, save_checkpoint,
                           seed_everything, warmup_cosine)
 
 
 def finetune_args(description: str) -> Parser:
-    """Flags of finetune.py (MMCR playground defaults: Adam, lr 1e-2, batch 1024, 50 epochs)."""
+    """Flags of finetune.py; data flags left unset follow the pretraining run."""
     p = Parser(description=description)
     a = p.add_argument
     a("--checkpoint", required=True, help="last.pt or best.pt written by pretrain.py")
     a("--finetune-type", default="linear", choices=["linear", "backbone+linear"],
-      help="linear: frozen backbone in eval mode, only the classifier trains")
-    a("--batch-size", type=int, default=1024, help="images per process per step")
-    a("--max-epochs", type=int, default=50, help="finetune epochs")
-    a("--learning-rate", type=float, default=1e-2, help="peak Adam learning rate")
-    a("--warmup-duration", type=float, default=0.1, help="warmup fraction, then cosine")
-    a("--weight-decay", type=float, default=1e-6, help="Adam weight decay")
-    a("--dataset", default=None, help="unset: the pretraining dataset (must be labelled)")
+      help="linear: frozen backbone, only the classifier trains")
+    a("--linear-bn", default="frozen", choices=["frozen", "train"], help="BatchNorm of the "
+      "linear probe's frozen backbone. frozen: eval mode, the pretraining statistics normalise "
+      "and stay (MoCo, DenseCL, solo-learn, MSN); train: train mode as the official MMCR "
+      "probes, batch statistics normalise and the running statistics update")
+    a("--batch-size", type=at_least(1), default=1024, help="images per process per step")
+    a("--max-epochs", type=at_least(1), default=50, help="finetune epochs")
+    a("--optimizer", default="adam", choices=["adam", "sgd", "nesterov"],
+      help="sgd and nesterov: momentum 0.9")
+    a("--learning-rate", type=positive_float, default=1e-2, help="peak learning rate")
+    a("--schedule", default="cosine", choices=["cosine", "step"], help="cosine: per step, "
+      "after --warmup-duration; step: x 0.1 at each epoch of --lr-steps")
+    a("--lr-steps", type=at_least(1), nargs="+", default=[60, 80], help="epochs of the x 0.1 "
+      "steps of --schedule step")
+    a("--warmup-duration", type=at_least(0, float), default=0.1, help="warmup fraction "
+      "(cosine schedule)")
+    a("--weight-decay", type=at_least(0, float), default=1e-6, help="weight decay")
+    a("--dataset", default=None, choices=DATASETS, help="unset: the pretraining dataset "
+      "(must be labelled)")
     a("--data-dir", default=None, help="unset: the pretraining --data-dir")
-    a("--num-workers", type=int, default=8, help="DataLoader workers per process")
-    a("--dev", type=int, nargs="?", const=2048, default=0, help="first N images only")
+    a("--num-workers", type=at_least(0), default=min(8, cpu_cores()),
+      help="DataLoader workers per process (the cores this process may use, at most 8)")
+    a("--dev", type=at_least(0), nargs="?", const=2048, default=None, help="first N images "
+      "only; unset: the pretraining run's --dev")
     a("--output-dir", default=None, help="unset: <checkpoint dir>/finetune-<type>")
     a("--seed", type=int, default=42, help="random seed (seed + rank per process)")
-    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype")
+    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype "
+      "(fp16 with a gradient scaler)")
     a("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if present")
     return p
 
@@ -57,16 +76,19 @@ def load_backbone(backbone: nn.Module, state: dict, prefix: str) -> None:
     dist.print0(f"loaded {len(picked)} backbone tensors from '{prefix}*'")
 
 
-def _data(args, pre_args, d):
-    name = args.dataset or pre_args["dataset"]
-    info = dataset_info(name, pre_args.get("image_size"))
+def _data(args, pre_args):
+    """Train (random-resized crops and flips) and test (eval transform) splits, with the
+    pretraining run's image size, normalisation and recipe."""
+    cfg = SimpleNamespace(**{**pre_args, "dataset": args.dataset or pre_args["dataset"]})
+    info = dataset_info(cfg)
     data_dir = args.data_dir or pre_args["data_dir"]
-    train = load_split(info, data_dir, "train", supervised_transform(
-        info.image_size, info.mean, info.std), args.seed, args.dev)
-    test = load_split(info, data_dir, "test", eval_transform(
-        info.image_size, info.mean, info.std, info.test_resize), args.seed, args.dev)
+    dev = pre_args.get("dev", 0) if args.dev is None else args.dev
+    norm = (info.image_size, info.mean, info.std)
+    train = load_split(info, data_dir, "train", supervised_transform(*norm), args.seed, dev)
+    test = load_split(info, data_dir, "test", eval_transform(*norm, info.test_resize),
+                      args.seed, dev)
     if train is None or test is None or not num_classes(train):
-        raise UserError(f"{name} at {data_dir} has no labelled train/ and val/ splits to "
+        raise UserError(f"{cfg.dataset} at {data_dir} has no labelled train/ and val/ splits to "
                         "finetune on")
     return train, test
 
@@ -82,42 +104,68 @@ def evaluate(net, loader, device, precision) -> dict:
     return accuracy(torch.cat(logits), torch.cat(labels))
 
 
-def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict) -> dict:
-    """Train a linear classifier on `backbone` features (and the backbone for backbone+linear);
-    logs top-1/top-5 on the test split every epoch, writes metrics.jsonl and last.pt."""
+def make_optimizer(params, args):
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, args.learning_rate, weight_decay=args.weight_decay)
+    return torch.optim.SGD(params, args.learning_rate, momentum=0.9, weight_decay=args.weight_decay,
+                           nesterov=args.optimizer == "nesterov")
+
+
+def probe_lr(args, step: int, total: int, steps_per_epoch: int) -> float:
+    """The learning rate at `step`: warmup + cosine, or x 0.1 at each of --lr-steps."""
+    if args.schedule == "step":
+        epoch = step // steps_per_epoch
+        return args.learning_rate * 0.1 ** sum(epoch >= m for m in args.lr_steps)
+    return warmup_cosine(step, total, int(args.warmup_duration * total), args.learning_rate)
+
+
+def output_dir(args) -> Path:
+    """The finetune run directory; refuses one that already holds a finetune run."""
+    out = Path(args.output_dir or Path(args.checkpoint).parent / f"finetune-{args.finetune_type}")
+    if (out / "metrics.jsonl").exists() or (out / "last.pt").exists():
+        raise UserError(f"{out} already holds a finetune run: choose another --output-dir")
+    return out
+
+
+def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=None) -> dict:
+    """Train a classifier on `backbone` features (and the backbone for backbone+linear); logs
+    top-1/top-5 on the test split every epoch, writes metrics.jsonl and last.pt. `head` maps
+    the class count to the classifier (default: one Linear layer)."""
     d = dist.setup(args.device)
     seed_everything(args.seed, d.rank)
-    train, test = _data(args, pre_args, d)
+    out = output_dir(args)
+    train, test = _data(args, pre_args)
     loader, sampler = train_loader(train, args.batch_size, args.num_workers, d, args.seed)
     test_loader = eval_loader(test, args.batch_size, args.num_workers)
     linear = args.finetune_type == "linear"
     backbone.requires_grad_(not linear)
-    net = nn.Sequential(backbone, nn.Linear(feat_dim, num_classes(train))).to(d.device)
+    classes = num_classes(train)
+    net = nn.Sequential(backbone, head(classes) if head else nn.Linear(feat_dim, classes))
+    net = net.to(d.device)
     before = {k: v.clone() for k, v in backbone.state_dict().items()} if linear else None
 
     ddp_net = dist.prepare_model(net, d)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer([p for p in net.parameters() if p.requires_grad], args)
+    scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
     total = args.max_epochs * len(loader)
-    out = Path(args.output_dir or Path(args.checkpoint).parent / f"finetune-{args.finetune_type}")
     log = RunLog(out, vars(args), d.is_main)
-    dist.print0(f"finetune ({args.finetune_type}): {len(train)} images, {num_classes(train)} "
-                f"classes, global batch {args.batch_size * d.world_size}, lr {args.learning_rate}")
+    bn = args.linear_bn if linear else "trained"
+    dist.print0(f"finetune ({args.finetune_type}, BatchNorm {bn}): {len(train)} images, "
+                f"{classes} classes, global batch "
+                f"{args.batch_size * d.world_size}, {args.optimizer} lr {args.learning_rate:g} "
+                f"({args.schedule}) | {out}")
     step, record = 0, {}
     for epoch in range(args.max_epochs):
         sampler.set_epoch(epoch)
         ddp_net.train()
         if linear:
-            backbone.eval()  # frozen: BN running statistics must not move
+            backbone.train(args.linear_bn == "train")
         for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", disable=not d.is_main):
-            lr = warmup_cosine(step, total, int(args.warmup_duration * total), args.learning_rate)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = probe_lr(args, step, total, len(loader))
             with autocast(args.precision, d.device):
                 loss = F.cross_entropy(ddp_net(x.to(d.device)).float(), y.to(d.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            backward_step(loss, optimizer, scaler)
             step += 1
         if d.is_main:
             record = {"epoch": epoch + 1, "loss": loss.item(),
@@ -126,10 +174,19 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict) -> di
             log.scalars(step, {k: v for k, v in record.items() if k != "epoch"}, "finetune")
             save_checkpoint({"model": net.state_dict(), "args": vars(args),
                              "epoch": epoch + 1}, out / "last.pt")
-            dist.print0(f"epoch {epoch + 1}: {record}")
+            dist.print0(f"epoch {epoch + 1}: {summary(record)}")
         dist.barrier()
-    if linear and any(not torch.equal(v, backbone.state_dict()[k]) for k, v in before.items()):
-        raise RuntimeError("linear probe changed the frozen backbone (weights or BN statistics)")
+    if linear:
+        check_frozen(backbone, before, args.linear_bn == "frozen")
     log.close()
     dist.cleanup()
     return record
+
+
+def check_frozen(backbone, before: dict, buffers_too: bool) -> None:
+    """The linear probe must not have changed the backbone's weights (nor, with frozen BN,
+    its statistics): MoCo v3's sanity check."""
+    params = {k for k, _ in backbone.named_parameters()}
+    for k, v in backbone.state_dict().items():
+        if (k in params or buffers_too) and not torch.equal(v, before[k]):
+            raise RuntimeError(f"the linear probe changed the frozen backbone's {k}")

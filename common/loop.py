@@ -21,7 +21,7 @@ from common.train import (NonFiniteLoss, UserError, all_rng_states, load_checkpo
 
 # flags that may change when a run is resumed; any other difference is refused
 RESUMABLE = {"resume", "num_workers", "eval_every", "log_every", "save_every", "compile",
-             "output_dir", "data_dir", "device"}
+             "output_dir", "data_dir", "device", "explicit"}
 
 
 class RunLog:
@@ -73,6 +73,8 @@ def check_finite(out: dict, step: int, device) -> None:
 def restore(ckpt_path, method, args, model, optimizer, scaler, d) -> dict:
     """Load a checkpoint into model/optimizer/scaler/RNG; refuse an incompatible one."""
     ckpt = load_checkpoint(ckpt_path, method)
+    if "optimizer" not in ckpt:
+        raise UserError(f"{ckpt_path} holds weights only (a best.pt): resume from last.pt")
     changed = sorted(k for k, v in ckpt["args"].items()
                      if k not in RESUMABLE and vars(args).get(k, v) != v)
     if changed or ckpt["world_size"] != d.world_size:
@@ -89,14 +91,23 @@ def restore(ckpt_path, method, args, model, optimizer, scaler, d) -> dict:
 
 
 def save_run(out_dir, state, backbone, is_best, epoch, save_every) -> None:
-    """last.pt (+ best.pt, epochNNNN.pt) and backbone.pt, each written atomically."""
+    """last.pt (the full training state), backbone.pt, best.pt (weights only: model, args,
+    epoch; what finetune.py reads) and epochNNNN.pt, each written atomically."""
     save_checkpoint(state, out_dir / "last.pt")
     save_checkpoint(backbone.state_dict(), out_dir / "backbone.pt")
     if is_best:
-        shutil.copyfile(out_dir / "last.pt", out_dir / "best.pt.tmp")
-        (out_dir / "best.pt.tmp").replace(out_dir / "best.pt")
+        weights = ("method", "model", "args", "epoch", "step", "best_top1")
+        save_checkpoint({k: state[k] for k in weights}, out_dir / "best.pt")
     if save_every and epoch % save_every == 0:
         shutil.copyfile(out_dir / "last.pt", out_dir / f"epoch{epoch:04d}.pt")
+
+
+def summary(record: dict) -> str:
+    """An epoch record (less its epoch number) as one readable line: floats rounded."""
+    def show(v):
+        return f"{v:.2f}" if isinstance(v, float) and abs(v) >= 10 else \
+            f"{v:.4g}" if isinstance(v, float) else str(v)
+    return " | ".join(f"{k} {show(v)}" for k, v in record.items() if k != "epoch")
 
 
 def evaluate(backbone, knn_data, args, d) -> dict:
@@ -124,16 +135,17 @@ def fit(*, method, args, d, model, optimizer, scaler, step_fn, loader, sampler, 
     """Train `model` with `step_fn` from epoch 0 (or the checkpoint) to args.max_epochs.
     `backbone` is the encoder that kNN evaluates and backbone.pt holds; knn_data is
     (bank_loader, test_loader, num_classes) or None for unlabeled data."""
-    log = RunLog(out_dir, vars(args), d.is_main)
     start_epoch, step, best, record = 0, 0, -1.0, {}
     do_eval = bool(knn_data and args.eval_every)
-    if resume_from:
+    if resume_from:  # checked and loaded before anything is written to the run directory
         ckpt = restore(resume_from, method, args, model, optimizer, scaler, d)
         start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
-    elif do_eval:  # the untrained network: the baseline every later kNN value is read against
+    log = RunLog(out_dir, vars(args), d.is_main)
+    if do_eval and not resume_from:  # the untrained network: the baseline of every later kNN
         record = {"epoch": 0, "step": 0, **evaluate(backbone, knn_data, args, d)}
         log.epoch(record)
-        log.scalars(0, {k[4:]: v for k, v in record.items() if k.startswith("knn_")}, "knn")
+        log.scalars(0, knn_values(record), "knn")
+        dist.print0(f"epoch 0 (untrained): {summary(record)}")
     images_per_step = args.batch_size * d.world_size
     for epoch in range(start_epoch, args.max_epochs):
         sampler.set_epoch(epoch)
@@ -161,8 +173,9 @@ def fit(*, method, args, d, model, optimizer, scaler, step_fn, loader, sampler, 
         if do_eval and ((epoch + 1) % args.eval_every == 0 or last):
             record.update(evaluate(backbone, knn_data, args, d))
         log.epoch(record)
-        log.scalars(step, {k: v for k, v in record.items() if k not in ("epoch", "step")},
-                    "epoch")
+        log.scalars(step, {k: v for k, v in record.items() if k not in ("epoch", "step")
+                           and not k.startswith("knn_")}, "epoch")
+        log.scalars(step, knn_values(record), "knn")
         is_best = record.get("knn_top1", -1.0) > best
         best = max(best, record.get("knn_top1", -1.0))
         rngs = all_rng_states()  # a collective: every rank takes part, rank 0 writes
@@ -173,7 +186,12 @@ def fit(*, method, args, d, model, optimizer, scaler, step_fn, loader, sampler, 
                      "epoch": epoch + 1, "step": step, "args": vars(args),
                      "world_size": d.world_size, "rng": rngs, "best_top1": best}
             save_run(out_dir, state, backbone, is_best, epoch + 1, args.save_every)
-            summary = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
-            dist.print0(f"epoch {epoch + 1}: {summary}")
+            dist.print0(f"epoch {epoch + 1}: {summary(record)}")
     log.close()
     return record
+
+
+def knn_values(record: dict) -> dict:
+    """The kNN results of a record, for TensorBoard's knn/top1 and knn/top5 (one curve from
+    step 0, the untrained network, on)."""
+    return {k[4:]: v for k, v in record.items() if k.startswith("knn_")}

@@ -12,6 +12,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from common.dist import print0
+
+DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
+FAMILIES = ["cifar", "stl10", "imagenet"]  # the kinds of data a recipe is written for
+
 
 class UserError(Exception):
     """Bad input: the scripts print the message as one line and exit with code 2."""
@@ -43,37 +48,73 @@ def run_main(main, argv=None) -> None:
         sys.exit(1)
 
 
-def add_common_args(parser, *, batch_size, max_epochs, learning_rate, warmup_duration,
-                    weight_decay, knn_temperature=0.5, learning_rate_help="peak learning rate"):
-    """The flags every pretrain.py shares (MMCR playground spellings); defaults per method."""
+def at_least(minimum: int, kind=int):
+    """argparse type: a number >= minimum, else a one-line error naming the flag."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum} (got {text})")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    value = at_least(0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be positive (got 0)")
+    return value
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and SLURM set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def add_common_args(parser, *, knn_temperature=0.5, learning_rate_help="peak learning rate"):
+    """The flags every pretrain.py shares (MMCR playground spellings). The flags a recipe sets
+    (batch size, epochs, learning rate, ...) are added by the method with its recipes."""
     a = parser.add_argument
-    a("--dataset", default="cifar10",
-      choices=["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"],
+    a("--dataset", default="cifar10", choices=DATASETS,
       help="synthetic is generated in-process and needs no files (offline smoke runs)")
     a("--data-dir", default="data", help="where datasets live (CIFAR/STL download here); "
       "for imagefolder: a root with train/ and val/ class folders, or a flat image folder")
-    a("--image-size", type=int, default=None, help="crop size; unset: the dataset's "
-      "(32 CIFAR/synthetic, 64 STL-10, 224 imagefolder)")
-    a("--batch-size", type=int, default=batch_size, help="images per process per step "
-      "(the global batch is this x world size)")
-    a("--max-epochs", type=int, default=max_epochs, help="pretraining epochs")
-    a("--learning-rate", type=float, default=learning_rate, help=learning_rate_help)
-    a("--warmup-duration", type=float, default=warmup_duration,
+    a("--recipe", default="auto", choices=["auto", *FAMILIES], help="the method's defaults for "
+      "this kind of data (views, normalisation, stem, hyper-parameters); auto: cifar for "
+      "CIFAR/synthetic, stl10 for STL-10, and for an image folder by the image size (up to 48 "
+      "px cifar, up to 128 px stl10, else imagenet). Flags given explicitly always win")
+    a("--image-size", type=at_least(1), default=None, help="crop size; unset: the dataset's "
+      "(32 CIFAR/synthetic, 64 STL-10), for an image folder the recipe's (32/64/224)")
+    a("--mean", type=float, nargs=3, default=None, help="normalisation mean (RGB); unset: the "
+      "dataset's, for an image folder the recipe's (CIFAR-10 / STL-10 / ImageNet constants)")
+    a("--std", type=float, nargs=3, default=None, help="normalisation std (RGB); unset: as "
+      "--mean")
+    a("--batch-size", type=at_least(1), help="images per process per step (the global batch "
+      "is this x world size)")
+    a("--max-epochs", type=at_least(1), help="pretraining epochs")
+    a("--learning-rate", type=positive_float, help=learning_rate_help)
+    a("--warmup-duration", type=at_least(0, float),
       help="linear warmup as a fraction of all steps, then cosine decay")
-    a("--weight-decay", type=float, default=weight_decay, help="weight decay")
-    a("--num-neighbours", type=int, default=200, help="k of the kNN monitor")
-    a("--temperature", type=float, default=knn_temperature, help="kNN vote temperature T "
-      "(weights exp(cos/T))")
-    a("--eval-every", type=int, default=1, help="kNN every N epochs (0: never)")
-    a("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
-      help="DataLoader workers per process")
-    a("--dev", type=int, nargs="?", const=2048, default=0, help="use only the first N images of"
-      " each split for a quick look (N = 2048 when given without a value; 0: all)")
+    a("--weight-decay", type=at_least(0, float), help="weight decay")
+    a("--num-neighbours", type=at_least(1), default=200, help="k of the kNN monitor")
+    a("--temperature", type=positive_float, default=knn_temperature, help="kNN vote "
+      "temperature T (weights exp(cos/T))")
+    a("--eval-every", type=at_least(0), default=1, help="kNN every N epochs (0: never)")
+    a("--num-workers", type=at_least(0), default=min(8, cpu_cores()),
+      help="DataLoader workers per process (the cores this process may use, at most 8)")
+    a("--dev", type=at_least(0), nargs="?", const=2048, default=0, help="use only the first N "
+      "images of each split for a quick look (N = 2048 when given without a value; 0: all)")
     a("--output-dir", default=None, help="run directory; unset: runs/<method>/<dataset>-<time>")
     a("--resume", default=None, help="checkpoint path, or 'auto' for last.pt of --output-dir "
       "(or of the newest run of this method)")
-    a("--save-every", type=int, default=0, help="also keep epochNNNN.pt every N epochs (0: off)")
-    a("--log-every", type=int, default=50, help="steps between TensorBoard/progress updates")
+    a("--save-every", type=at_least(0), default=0, help="also keep epochNNNN.pt every N epochs "
+      "(0: off)")
+    a("--log-every", type=at_least(1), default=50, help="steps between TensorBoard/progress "
+      "updates")
     a("--seed", type=int, default=42, help="random seed (each process uses seed + rank)")
     a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
       help="autocast dtype for the networks; losses always run in float32. bf16 on recent GPUs")
@@ -81,6 +122,17 @@ def add_common_args(parser, *, batch_size, max_epochs, learning_rate, warmup_dur
     a("--channels-last", action="store_true", help="channels-last memory format (faster convs "
       "with bf16/fp16 on GPU)")
     a("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if present")
+
+
+def cap_queue(size: int, epoch_images: int, flag: str) -> int:
+    """A queue of past embeddings holds at most one epoch (`epoch_images`, a multiple of the
+    global batch): longer, it would hold each image several times, an image's own older
+    embedding among its neighbours or negatives. A longer one is shrunk, with a notice."""
+    if size <= epoch_images:
+        return size
+    print0(f"notice: {flag} {size} is more than one epoch of the training set "
+           f"({epoch_images} images): using {epoch_images}")
+    return epoch_images
 
 
 def seed_everything(seed: int, rank: int) -> None:

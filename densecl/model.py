@@ -41,6 +41,16 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         return y.unflatten(1, (n, c)).transpose(0, 1).flatten(0, 1)  # (B, C, H, W)
 
 
+def official_init(net: nn.Module) -> nn.Module:
+    """Kaiming-normal (fan_in, ReLU gain) weights on every conv, as the official ResNet's
+    init_weights (openselfsup/models/backbones/resnet.py, mmcv kaiming_init with mode fan_in);
+    torchvision's own init uses fan_out. BN weights 1 and biases 0 are torchvision's too."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+    return net
+
+
 def split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     """Swap every BatchNorm2d of `module` for a SplitBatchNorm2d with the same state."""
     for name, child in module.named_children():
@@ -82,11 +92,11 @@ class DenseCL(nn.Module):
     MoCo's CIFAR recipe on one device): a key's BN statistics come from a random group of
     images, not from its query's group, so they cannot give the positive away."""
 
-    def __init__(self, arch="resnet18", stem="auto", image_size=32, hidden_dim=None,
+    def __init__(self, arch="resnet18", stem="cifar", image_size=32, hidden_dim=None,
                  projection_dim=128, queue_size=4096, bn_splits=1):
         super().__init__()
         width = FEATURE_DIM[arch]
-        self.backbone = split_batchnorm(resnet(arch, stem, image_size), bn_splits)
+        self.backbone = split_batchnorm(official_init(resnet(arch, stem, image_size)), bn_splits)
         self.neck = DenseCLNeck(width, hidden_dim or width, projection_dim)  # hidden = C
         self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.momentum_neck = copy.deepcopy(self.neck).requires_grad_(False)

@@ -18,51 +18,59 @@ from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
 from common.data import dataset_info, pretrain_data
 from common.loop import fit
-from common.train import (Parser, UserError, add_common_args, autocast, backward_step,
-                          resolve_output_dir, resume_path, run_main, seed_everything,
-                          warmup_cosine)
+from common.recipe import apply_recipe, describe_recipe, use_recipes
+from common.train import (Parser, UserError, add_common_args, at_least, autocast,
+                          backward_step, cap_queue, positive_float, resolve_output_dir,
+                          resume_path, run_main, seed_everything, warmup_cosine)
 from densecl.model import DenseCL, densecl_loss, match_accuracy, match_locations
 
 LR_BATCH = 128  # --learning-rate is per 128 images (lightly MoCo CIFAR-10 benchmark)
 
+# lightly's MoCo CIFAR-10 benchmark (docs/source/getting_started/benchmarks): batch 128, SGD
+# 0.06 per 128 images, wd 5e-4, EMA 0.99, queue 4096 (the official 65536 exceeds CIFAR-10)
+CIFAR = dict(backbone="resnet18", batch_size=128, max_epochs=200, learning_rate=0.06,
+             warmup_duration=0.0, weight_decay=5e-4, ema=0.99, queue_size=4096)
+RECIPES = {
+    "cifar": CIFAR,
+    "stl10": CIFAR,  # no reference trains DenseCL on STL-10: the CIFAR recipe at 64 px
+    # official (configs/selfsup/densecl/densecl_imagenet_200ep.py): ResNet-50, SGD 0.03 per 256
+    # images, wd 1e-4, EMA 0.999, queue 65536, 200 epochs, no warmup; 32 images per GPU
+    # (8 GPUs: the official global batch of 256)
+    "imagenet": dict(backbone="resnet50", batch_size=32, max_epochs=200, learning_rate=0.015,
+                     warmup_duration=0.0, weight_decay=1e-4, ema=0.999, queue_size=65536),
+}
+
 
 def get_args(argv=None):
     p = Parser(description="DenseCL pretraining")
-    add_common_args(p, batch_size=128, max_epochs=200, learning_rate=0.06, warmup_duration=0.0,
-                    weight_decay=5e-4, knn_temperature=0.1, learning_rate_help="SGD learning "
-                    f"rate per {LR_BATCH} images: peak = this x global batch / {LR_BATCH}")
+    add_common_args(p, knn_temperature=0.1, learning_rate_help="SGD learning rate per "
+                    f"{LR_BATCH} images: peak = this x global batch / {LR_BATCH}")
     g = p.add_argument_group("densecl", "SGD (momentum 0.9) with peak lr = --learning-rate x "
-                             f"global batch / {LR_BATCH} and cosine decay per step. CIFAR "
-                             "defaults follow lightly's MoCo CIFAR-10 benchmark; the official "
-                             "ImageNet recipe is batch 256, lr 0.03 (--learning-rate 0.015), "
-                             "wd 1e-4, --ema 0.999, queue 65536, 200 epochs, no warmup")
+                             f"global batch / {LR_BATCH} and cosine decay per step")
     add_resnet_args(g)
-    g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature of both losses "
-                   "(official 0.2)")
+    g.add_argument("--tau", type=positive_float, default=0.2, help="InfoNCE temperature of "
+                   "both losses (official 0.2)")
     g.add_argument("--dense-weight", type=float, default=0.5, help="lambda: loss = (1 - lambda)"
                    " global + lambda dense (official 0.5; 0 gives MoCo v2)")
-    g.add_argument("--queue-size", type=int, default=None, help="length K of both key queues, "
-                   "a multiple of the global batch; unset: 4096 (lightly CIFAR bank), 65536 "
-                   "for imagefolder (official)")
-    g.add_argument("--ema", type=float, default=0.99, help="constant EMA of the momentum "
-                   "backbone and heads (lightly CIFAR; official ImageNet/COCO: 0.999)")
-    g.add_argument("--bn-splits", type=int, default=None, help="BatchNorm groups per process; "
-                   "the key batch is shuffled over all processes before the split. Unset: 8 "
-                   "on one process (MoCo's CIFAR split BN; fewer if the batch is too small), 1 "
-                   "under torchrun (official shuffle-BN)")
-    g.add_argument("--hidden-dim", type=int, default=None, help="hidden width of both heads "
-                   "(unset: the backbone width, as the official neck)")
-    g.add_argument("--projection-dim", type=int, default=128, help="embedding dim D")
+    g.add_argument("--queue-size", type=at_least(1), help="length K of both key queues, a "
+                   "multiple of the global batch and at most the training set (larger is "
+                   "shrunk, with a notice)")
+    g.add_argument("--ema", type=float, help="constant EMA of the momentum backbone and heads")
+    g.add_argument("--bn-splits", type=at_least(1), default=None, help="BatchNorm groups per "
+                   "process; the key batch is shuffled over all processes before the split. "
+                   "Unset: 8 on one process (MoCo's CIFAR split BN; fewer if the batch is too "
+                   "small), 1 under torchrun (official shuffle-BN)")
+    g.add_argument("--hidden-dim", type=at_least(1), default=None, help="hidden width of both "
+                   "heads (unset: the backbone width, as the official neck)")
+    g.add_argument("--projection-dim", type=at_least(1), default=128, help="embedding dim D")
+    use_recipes(p, RECIPES)
     args = p.parse_args(argv)
-    if args.tau <= 0:
-        p.error(f"--tau must be positive (got {args.tau})")
+    apply_recipe(args, RECIPES)
     if not 0 <= args.dense_weight <= 1:
         p.error(f"--dense-weight must lie in [0, 1] (got {args.dense_weight})")
     if not 0 <= args.ema <= 1:
         p.error(f"--ema must lie in [0, 1] (got {args.ema})")
-    for flag in ("queue_size", "bn_splits", "hidden_dim"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    args.stem = resolve_stem(args.stem, args.recipe)
     return args
 
 
@@ -86,10 +94,10 @@ def check_sizes(args, world: int) -> None:
 
 
 def view_transform(args, info) -> MultiView:
-    """Two MoCo-v2 views (official DenseCL pipeline); Gaussian blur only at ImageNet sizes
-    (METHODS.md section 5: no blur at 32 px). Boxes give the crop geometry for match_acc."""
+    """Two MoCo-v2 views (official DenseCL pipeline); Gaussian blur only for the imagenet recipe
+    (none at 32 px, as lightly's CIFAR benchmarks). Boxes give the crop geometry for match_acc."""
     view = View(info.image_size, info.mean, info.std, scale=(0.2, 1.0),
-                blur_p=0.5 if info.name == "imagefolder" else 0.0)
+                blur_p=0.5 if args.recipe == "imagenet" else 0.0)
     return MultiView([view, view], with_boxes=True)
 
 
@@ -117,9 +125,7 @@ def main(argv=None):
     args = get_args(argv)
     d = dist.setup(args.device)
     seed_everything(args.seed, d.rank)
-    info = dataset_info(args.dataset, args.image_size)
-    args.image_size, args.stem = info.image_size, resolve_stem(args.stem, info.image_size)
-    args.queue_size = args.queue_size or (65536 if args.dataset == "imagefolder" else 4096)
+    info = dataset_info(args)
     args.bn_splits = args.bn_splits or default_bn_splits(args.batch_size, d.world_size)
     check_sizes(args, d.world_size)
     out_dir = resolve_output_dir(args, "densecl")
@@ -127,6 +133,8 @@ def main(argv=None):
 
     # ---- data: B images x 2 views (+ crop boxes) per process and step
     loader, sampler, knn_data = pretrain_data(args, info, view_transform(args, info), d)
+    images = args.batch_size * d.world_size
+    args.queue_size = cap_queue(args.queue_size, len(loader) * images, "--queue-size")
 
     # ---- model, optimizer: SGD on the online backbone + neck only
     model = DenseCL(args.backbone, args.stem, args.image_size, args.hidden_dim,
@@ -135,7 +143,6 @@ def main(argv=None):
     model = model.to(memory_format=memory_format)
     net = dist.prepare_model(model, d, sync_bn=False)  # SyncBN would undo the shuffle-BN
     net = torch.compile(net) if args.compile else net
-    images = args.batch_size * d.world_size
     peak_lr = args.learning_rate * images / LR_BATCH
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
@@ -144,6 +151,7 @@ def main(argv=None):
     warmup = int(args.warmup_duration * total)
 
     dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+    dist.print0(describe_recipe(args))
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x 2 views | "
                 f"global {images} images per step | {len(loader)} steps/epoch | lr: base "
                 f"{args.learning_rate} x {images}/{LR_BATCH} = {peak_lr:g} | queues "

@@ -14,12 +14,17 @@ from common.finetune import finetune_args, load_backbone, pretrain_state, run_fi
 from common.train import run_main
 
 
+def build_backbone(pre: dict):
+    """The (untrained) backbone of a pretraining run with args `pre`, and its feature width."""
+    return resnet(pre["backbone"], pre["stem"], pre["image_size"]), FEATURE_DIM[pre["backbone"]]
+
+
 def main(argv=None):
     args = finetune_args("Linear probe / finetune of an MMCR backbone").parse_args(argv)
     state, pre = pretrain_state(args.checkpoint, "mmcr")
-    backbone = resnet(pre["backbone"], pre["stem"], pre["image_size"])
+    backbone, width = build_backbone(pre)
     load_backbone(backbone, state, "backbone.")
-    return run_finetune(args, backbone, FEATURE_DIM[pre["backbone"]], pre)
+    return run_finetune(args, backbone, width, pre)
 
 
 if __name__ == "__main__":

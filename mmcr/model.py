@@ -13,22 +13,27 @@ from common.backbone import FEATURE_DIM, resnet
 from common.dist import gather, gather_with_grad
 
 
-def projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear (no bias) -> BN -> ReLU -> Linear (no bias); no BN on the output.
-    The official CIFAR/STL projector ([512, 128], mmcr/cifar_stl/models.py)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim, bias=False))
+def projector(in_dim: int, hidden_dims: list, out_dim: int) -> nn.Sequential:
+    """[Linear (no bias) -> BN -> ReLU] per hidden width, then Linear (no bias); no BN on the
+    output. Official CIFAR/STL: hidden [512], out 128 (mmcr/cifar_stl/models.py); official
+    ImageNet: hidden [8192, 8192], out 512 (mmcr/imagenet/models.py)."""
+    layers, width = [], in_dim
+    for hidden in hidden_dims:
+        layers += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden),
+                   nn.ReLU(inplace=True)]
+        width = hidden
+    return nn.Sequential(*layers, nn.Linear(width, out_dim, bias=False))
 
 
 class MMCR(nn.Module):
     """Backbone + projector, and with `momentum=True` an EMA copy of both (the official
     ImageNet `MMCR_Momentum` objective) that sees the same views and gets no gradient."""
 
-    def __init__(self, arch="resnet18", stem="auto", image_size=32, hidden_dim=512,
-                 projection_dim=128, momentum=False):
+    def __init__(self, arch="resnet18", stem="cifar", image_size=32, hidden_dims=(512,),
+                 projection_dim=128, momentum=False, zero_init_residual=False):
         super().__init__()
-        self.backbone = resnet(arch, stem, image_size)
-        self.projector = projector(FEATURE_DIM[arch], hidden_dim, projection_dim)
+        self.backbone = resnet(arch, stem, image_size, zero_init_residual)
+        self.projector = projector(FEATURE_DIM[arch], hidden_dims, projection_dim)
         self.momentum_backbone = self.momentum_projector = None
         if momentum:
             self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)

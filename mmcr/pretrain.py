@@ -5,6 +5,7 @@
     python mmcr/pretrain.py --output-dir runs/mmcr/<run> --resume auto  # continue a run
     python mmcr/pretrain.py --dataset synthetic --max-epochs 2 --dev    # offline smoke run
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,42 +17,84 @@ from common import dist
 from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
 from common.data import dataset_info, pretrain_data
+from common.lars import LARS
 from common.loop import fit
-from common.train import (Parser, add_common_args, autocast, backward_step, resolve_output_dir,
-                          resume_path, run_main, seed_everything, warmup_cosine)
+from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
+from common.train import (Parser, add_common_args, at_least, autocast, backward_step,
+                          positive_float, resolve_output_dir, resume_path, run_main,
+                          seed_everything, warmup_cosine)
 from mmcr.model import MMCR, mmcr_loss
+
+# the MMCR playground (bartoszzuk/mmcr): 64 images x 16 views, Adam 1e-3, 10% warmup then
+# cosine, 500 epochs; the projector and views of the official CIFAR/STL code (mmcr/cifar_stl)
+CIFAR = dict(backbone="resnet18", batch_size=64, num_views=16, max_epochs=500,
+             optimizer="adam", learning_rate=1e-3, base_learning_rate=None, warmup_duration=0.1,
+             final_lr_ratio=0.0, weight_decay=1e-6, lars_eta=1e-3, hidden_dim=[512],
+             projection_dim=128, momentum_tau=None, zero_init_residual=False)
+RECIPES = {
+    "cifar": CIFAR,
+    "stl10": CIFAR,  # with the official STL-10 views (colour before the crop)
+    # official ImageNet (pretrain_imagenet.py, mmcr/imagenet/train.py): ResNet-50, 8 views,
+    # LARS 0.8 per 256 images, 10 warmup epochs then cosine to 0.001 x peak, 100 epochs,
+    # momentum branch 0.99, projector 8192-8192-512, zero-init residuals; 128 images per GPU
+    # (16 GPUs: the official global batch of 2048)
+    "imagenet": dict(backbone="resnet50", batch_size=128, num_views=8, max_epochs=100,
+                     optimizer="lars", learning_rate=None, base_learning_rate=0.8,
+                     warmup_duration=Epochs(10), final_lr_ratio=0.001, weight_decay=1e-6,
+                     lars_eta=1e-3, hidden_dim=[8192, 8192], projection_dim=512,
+                     momentum_tau=0.99, zero_init_residual=True),
+}
+
+
+def tau_or_off(text: str):
+    """--momentum-tau: a float, or 'off' for no momentum branch."""
+    return None if text == "off" else float(text)
 
 
 def get_args(argv=None):
     p = Parser(description="MMCR pretraining")
-    add_common_args(p, batch_size=64, max_epochs=500, learning_rate=1e-3, warmup_duration=0.1,
-                    weight_decay=1e-6)
+    add_common_args(p, knn_temperature=0.5, learning_rate_help="peak learning rate; unset with "
+                    "--base-learning-rate: base x global batch / 256")
     g = p.add_argument_group("mmcr")
     add_resnet_args(g)
-    g.add_argument("--num-views", type=int, default=16, help="views per image (official "
-                   "CIFAR: 40); memory grows with batch x views")
-    g.add_argument("--hidden-dim", type=int, default=512, help="projector hidden width")
-    g.add_argument("--projection-dim", type=int, default=128, help="embedding dim D")
+    g.add_argument("--num-views", type=at_least(2), help="views per image (official CIFAR: "
+                   "40); memory grows with batch x views")
+    g.add_argument("--optimizer", choices=["adam", "lars"], help="adam (official CIFAR/STL) or "
+                   "LARS with momentum 0.9, 1-D parameters excluded (official ImageNet)")
+    g.add_argument("--base-learning-rate", type=positive_float, help="peak lr per 256 images "
+                   "of global batch, used when --learning-rate is unset")
+    g.add_argument("--final-lr-ratio", type=at_least(0, float), help="cosine decay ends at "
+                   "this fraction of the peak lr")
+    g.add_argument("--lars-eta", type=positive_float, help="LARS trust coefficient")
+    g.add_argument("--hidden-dim", type=at_least(1), nargs="+", help="projector hidden widths "
+                   "(Linear-BN-ReLU each)")
+    g.add_argument("--projection-dim", type=at_least(1), help="embedding dim D")
     g.add_argument("--lmbda", type=float, default=0.0, help="weight of the local nuclear-norm "
                    "term (official default 0)")
-    g.add_argument("--momentum-tau", type=float, default=None, help="enable the momentum branch "
-                   "with this constant EMA (official ImageNet: 0.99); off by default as on CIFAR")
+    g.add_argument("--momentum-tau", type=tau_or_off, help="momentum branch with this constant "
+                   "EMA, or 'off'")
+    g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
+                   help="zero-initialise the last BN of each residual block")
+    use_recipes(p, RECIPES)
     args = p.parse_args(argv)
-    if args.num_views < 2:
-        p.error(f"--num-views must be at least 2 (got {args.num_views}): MMCR averages views")
+    apply_recipe(args, RECIPES)
+    if "base_learning_rate" in args.explicit and "learning_rate" not in args.explicit:
+        args.learning_rate = None  # the given base lr decides, scaled by the global batch
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: BatchNorm and the centroid matrix need it")
+    args.stem = resolve_stem(args.stem, args.recipe)
     return args
 
 
 def view_transform(args, info) -> MultiView:
-    """Independent random views per METHODS.md 1.3: the official CIFAR recipe; STL-10 with
-    colour before the crop; ImageNet-style folders alternate the two Barlow view types."""
+    """Independent random views: the official CIFAR recipe (mmcr/cifar_stl/data.py); STL-10 with
+    colour before the crop; the imagenet recipe alternates the two Barlow Twins view types
+    (mmcr/imagenet/data.py)."""
     size, norm = info.image_size, (info.mean, info.std)
-    if info.name == "stl10":
+    if args.recipe == "stl10":
         views = [View(size, *norm, scale=(0.2, 1.0), gray_p=0.1, colour_first=True,
                       interpolation="bicubic")] * args.num_views
-    elif info.name == "imagefolder":
+    elif args.recipe == "imagenet":
         kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), interpolation="bicubic")
         pair = [View(size, *norm, blur_p=1.0, **kw), View(size, *norm, blur_p=0.1,
                                                           solarize_p=0.2, **kw)]
@@ -75,12 +118,22 @@ def train_step(net, model, x, optimizer, scaler, lr, args) -> dict:
     return {"loss": loss.detach(), **logs, "lr": lr}
 
 
+def make_optimizer(model, args):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    return LARS(params, args.learning_rate, args.weight_decay, args.lars_eta, clip=False)
+
+
 def main(argv=None):
     args = get_args(argv)
     d = dist.setup(args.device)
     seed_everything(args.seed, d.rank)
-    info = dataset_info(args.dataset, args.image_size)
-    args.image_size, args.stem = info.image_size, resolve_stem(args.stem, info.image_size)
+    info = dataset_info(args)
+    images = args.batch_size * d.world_size
+    base = args.base_learning_rate
+    if args.learning_rate is None:  # linear scaling rule of the official ImageNet code
+        args.learning_rate = base * images / 256
     out_dir = resolve_output_dir(args, "mmcr")
     resume_from = resume_path(args, out_dir)
 
@@ -88,31 +141,34 @@ def main(argv=None):
     loader, sampler, knn_data = pretrain_data(args, info, view_transform(args, info), d)
 
     # ---- model, optimizer
-    model = MMCR(args.backbone, args.stem, args.image_size, args.hidden_dim,
-                 args.projection_dim, momentum=args.momentum_tau is not None).to(d.device)
+    model = MMCR(args.backbone, args.stem, args.image_size, args.hidden_dim, args.projection_dim,
+                 args.momentum_tau is not None, args.zero_init_residual).to(d.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     net = dist.prepare_model(model, d)
     net = torch.compile(net) if args.compile else net
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
     total = args.max_epochs * len(loader)
     warmup = int(args.warmup_duration * total)
 
     dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
-    images = args.batch_size * d.world_size
+    dist.print0(describe_recipe(args))
+    scaled = base is not None and "learning_rate" not in args.explicit
+    rule = f"base {base:g} x {images} / 256" if scaled else "not batch-scaled"
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x "
                 f"{args.num_views} views = {args.batch_size * args.num_views} crops | global "
                 f"{images} images, {images * args.num_views} crops per step | {len(loader)} "
-                f"steps/epoch | peak lr {args.learning_rate} (not batch-scaled) | {out_dir}")
+                f"steps/epoch | {args.optimizer}, peak lr {args.learning_rate:g} ({rule}) | "
+                f"{out_dir}")
 
     # ---- train
     def step_fn(batch, step):
         views, _ = batch  # V tensors of (B, C, H, W)
         x = torch.stack(views, 1).flatten(0, 1)  # (B*V, C, H, W), each image's views contiguous
         x = x.to(d.device, non_blocking=True).contiguous(memory_format=memory_format)
-        lr = warmup_cosine(step, total, warmup, args.learning_rate)
+        lr = warmup_cosine(step, total, warmup, args.learning_rate,
+                           args.final_lr_ratio * args.learning_rate)
         return train_step(net, model, x, optimizer, scaler, lr, args)
 
     fit(method="mmcr", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,

@@ -1,26 +1,60 @@
-"""Linear probe / finetune of an MSN backbone: the target (EMA) ViT, class token after the final
-LayerNorm (the pretraining representation; the official linear eval differs, see README).
+"""Linear probe / finetune of an MSN backbone: the target (EMA) ViT. Features: the class token
+after the final LayerNorm (the pretraining representation), or with --features last-block the
+official linear evaluation's (the last block's class token before the final norm, into
+LayerNorm, L2 normalisation and a Linear layer; msn linear_eval.py).
 
     python msn/finetune.py --checkpoint runs/msn/<run>/last.pt                  # linear probe
     python msn/finetune.py --checkpoint runs/msn/<run>/best.pt --finetune-type backbone+linear
     torchrun --nproc_per_node 8 msn/finetune.py --checkpoint runs/msn/<run>/last.pt
 """
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
+
+import torch.nn as nn
+import torch.nn.functional as F
 
 from common.finetune import finetune_args, load_backbone, pretrain_state, run_finetune
 from common.train import run_main
 from msn.model import ViT
 
 
+class OfficialHead(nn.Module):
+    """LayerNorm -> L2 normalisation -> Linear with N(0, 0.01) weights and zero bias, the
+    classifier of the official linear evaluation (msn linear_eval.py)."""
+
+    def __init__(self, width: int, classes: int):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(width), nn.Linear(width, classes)
+        nn.init.normal_(self.fc.weight, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return self.fc(F.normalize(self.norm(x), dim=1))
+
+
+def build_backbone(pre: dict):
+    """The (untrained) ViT of a pretraining run with args `pre`, and its width."""
+    return ViT(**pre["vit_config"]), pre["vit_config"]["hidden_dim"]
+
+
 def main(argv=None):
-    args = finetune_args("Linear probe / finetune of an MSN backbone").parse_args(argv)
+    p = finetune_args("Linear probe / finetune of an MSN backbone")
+    p.add_argument_group("msn").add_argument(
+        "--features", default="final-norm", choices=["final-norm", "last-block"],
+        help="final-norm: class token after the final LayerNorm, into a Linear layer; "
+        "last-block: the official linear evaluation's features and head (module docstring)")
+    args = p.parse_args(argv)
     state, pre = pretrain_state(args.checkpoint, "msn")
-    backbone = ViT(**pre["vit_config"])
+    backbone, width = build_backbone(pre)
     load_backbone(backbone, state, "target_encoder.")
-    return run_finetune(args, backbone, pre["vit_config"]["hidden_dim"], pre)
+    head = None
+    if args.features == "last-block":
+        backbone.encoder.ln = nn.Identity()  # the last block's class token, no final norm
+        head = partial(OfficialHead, width)  # called with the class count
+    return run_finetune(args, backbone, width, pre, head)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from torchvision.models import VisionTransformer
 
 from common.dist import all_reduce_mean, all_reduce_sum, world_size
 
-# (width E, depth, heads) of deit_tiny / deit_small / deit_base ([MSN-off] src/deit.py); MLP 4 x E
+# (width E, depth, heads) of deit_tiny / deit_small / deit_base (msn src/deit.py); MLP 4 x E
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
 
 
@@ -27,7 +27,7 @@ def vit_config(arch: str, patch_size: int, image_size: int, depth: int | None = 
 
 def resize_pos_embedding(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
     """Patch positional embeddings (1, G*G, E) resized bicubically to grid (h, w) -> (1, h*w, E);
-    unchanged when the grid already matches. Smaller focal crops need it ([MSN-off] deit.py)."""
+    unchanged when the grid already matches. Smaller focal crops need it (msn src/deit.py)."""
     side = math.isqrt(pos.shape[1])
     if tuple(grid) == (side, side):
         return pos
@@ -39,7 +39,7 @@ def resize_pos_embedding(pos: torch.Tensor, grid: tuple) -> torch.Tensor:
 def keep_tokens(x: torch.Tensor, mask_ratio: float, per_image: bool = False) -> torch.Tensor:
     """Random masking by dropping tokens: x (B, L, E) -> (B, floor(L * (1 - ratio)), E).
     Official: one randperm per forward, so every image keeps the same positions
-    ([MSN-off] deit.py patch_drop); `per_image` draws one mask per image instead (lightly)."""
+    (msn src/deit.py patch_drop); `per_image` draws one mask per image instead (lightly)."""
     b, length, width = x.shape
     n = int(length * (1 - mask_ratio))
     if per_image:
@@ -78,7 +78,7 @@ class ViT(VisionTransformer):
 
 def projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """3 Linear layers, BN + GELU after the first two; trunc-normal(0.02) weights, zero biases
-    ([MSN-off] msn_train.py init_model, use_bn: true)."""
+    (msn src/msn_train.py init_model, use_bn: true)."""
     head = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
                          nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU(),
                          nn.Linear(hidden_dim, out_dim))
@@ -100,7 +100,7 @@ class MSN(nn.Module):
         self.projector = projector(config["hidden_dim"], hidden_dim, projection_dim)
         self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        bound = projection_dim ** -0.5  # U(-1/sqrt(D), 1/sqrt(D)) as [MSN-off] msn_train.py
+        bound = projection_dim ** -0.5  # U(-1/sqrt(D), 1/sqrt(D)) as msn src/msn_train.py
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, projection_dim)
                                        .uniform_(-bound, bound))  # (K, D)
 
@@ -128,7 +128,7 @@ class MSN(nn.Module):
 
 @torch.no_grad()
 def sinkhorn(q: torch.Tensor, iterations: int = 3) -> torch.Tensor:
-    """Balanced assignment of the global batch ([MSN-off] losses.py distributed_sinkhorn):
+    """Balanced assignment of the global batch (msn src/losses.py distributed_sinkhorn):
     q (B, K) -> (B, K) with rows summing to 1 and prototype marginals close to N/K.
     Masses and prototype sums are summed over ranks, so all N rows are balanced together.
     A prototype that no target reaches (softmax underflow) keeps mass 0 rather than 0/0 = NaN
@@ -148,13 +148,14 @@ def entropy(p: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
 
 
 def msn_loss(z, h, prototypes, tau=0.1, sharpen=0.25, sinkhorn_iters=3, memax_weight=1.0):
-    """MSN objective  L = CE(q, p) + memax_weight * (log K - H(mean p))  ([MSN-off] losses.py).
+    """MSN objective  L = CE(q, p) + memax_weight * (log K - H(mean p))  (msn src/losses.py).
 
     z:          (V*B, D) anchor embeddings, view-major (row i belongs to image i mod B)
     h:          (B, D)   target embeddings (no gradient)
     prototypes: (K, D)   learnable; the anchors' gradient reaches them (never pass .data)
     p = softmax(cos(z, P) / tau), as log-softmax; q = Sinkhorn(softmax(cos(h, P) / (tau *
-    sharpen))), which equals sharpening softmax(cos / tau) with p^(1/T) (METHODS.md 2.7 item 9).
+    sharpen))), which equals sharpening softmax(cos / tau) with p^(1/T) (the official
+    code's form, log(p^-q) and p^(1/T), can overflow when a probability underflows).
     Sinkhorn runs over the global batch and ME-MAX on the global mean prediction (all_reduce_mean,
     identity backward): with DDP's averaging, every gradient is that of the one-process loss on
     all N images. The official code instead all-reduce-sums the prototypes' gradient (W times

@@ -19,31 +19,39 @@ from common import dist
 from common.augment import MultiView, View
 from common.data import dataset_info, pretrain_data
 from common.loop import fit
-from common.train import (Parser, add_common_args, autocast, backward_step, resolve_output_dir,
-                          resume_path, run_main, seed_everything)
+from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
+from common.train import (Parser, add_common_args, at_least, autocast, backward_step,
+                          positive_float, resolve_output_dir, resume_path, run_main,
+                          seed_everything)
 from msn.model import ARCHS, MSN, msn_loss, vit_config
 
-# MSN runs stretch the LR, WD and EMA schedules over 1.25 x the run ([MSN-off] msn_train.py)
+# MSN runs stretch the LR, WD and EMA schedules over 1.25 x the run (msn src/msn_train.py)
 HORIZON = 1.25
+
+# the official ViT-S/16 values (configs/pretrain/msn_vits16.yaml): 800 epochs, AdamW peak lr
+# 1e-3 (for a global batch of 1024, not rescaled), 15 warmup epochs, weight decay 0.04 -> 0.4.
+# No reference trains MSN below 224 px: patch 4 at 32 px (8 x 8 tokens) and 8 at 64 px are
+# extrapolations, as is the batch of 256 on one process
+CIFAR = dict(arch="vit_small", patch_size=4, batch_size=256, max_epochs=800, learning_rate=1e-3,
+             warmup_duration=Epochs(15), weight_decay=0.04)
+RECIPES = {"cifar": CIFAR, "stl10": dict(CIFAR, patch_size=8),
+           # 64 images per GPU (16 GPUs: the official global batch of 1024)
+           "imagenet": dict(CIFAR, patch_size=16, batch_size=64)}
 
 
 def get_args(argv=None):
     p = Parser(description="MSN pretraining")
-    # official: 800 epochs, peak lr 1e-3 for a global batch of 1024, warmup 15 of 800 epochs,
-    # weight decay 0.04 rising to 0.4; kNN T = 0.1 as lightly's CIFAR-10 benchmark (METHODS.md 5)
-    add_common_args(p, batch_size=256, max_epochs=800, learning_rate=1e-3,
-                    warmup_duration=15 / 800, weight_decay=0.04, knn_temperature=0.1)
+    add_common_args(p, knn_temperature=0.1)
     g = p.add_argument_group("msn", "MSN flags (official ViT-S/16 values unless noted). The kNN "
-                             "--temperature defaults to 0.1 here (METHODS.md section 5)")
+                             "--temperature defaults to 0.1 here (lightly's CIFAR-10 benchmark)")
     a = g.add_argument
-    a("--arch", default="vit_small", choices=sorted(ARCHS), help="torchvision ViT: tiny 192-d, "
-      "small 384-d, base 768-d; 12 blocks, MLP 4x")
-    a("--patch-size", type=int, default=None, help="unset: 4 up to 64 px (8x8 tokens at 32 px; "
-      "an extrapolation, METHODS.md 5), 16 above (official)")
-    a("--depth", type=int, default=None, help="transformer blocks; unset: the arch's 12 (a "
+    a("--arch", choices=sorted(ARCHS), help="torchvision ViT: tiny 192-d, small 384-d, base "
+      "768-d; 12 blocks, MLP 4x")
+    a("--patch-size", type=at_least(1), help="ViT patch size")
+    a("--depth", type=at_least(1), default=None, help="transformer blocks; unset: the arch's 12 (a "
       "few make fast tests)")
-    a("--focal-views", type=int, default=10, help="F small unmasked anchor crops per image")
-    a("--focal-size", type=int, default=None, help="focal crop size; unset: 96/224 of "
+    a("--focal-views", type=at_least(0), default=10, help="F small unmasked anchor crops per image")
+    a("--focal-size", type=at_least(1), default=None, help="focal crop size; unset: 96/224 of "
       "--image-size rounded up to a patch multiple (96 at 224 px, 16 at 32 px)")
     a("--rand-scale", type=float, nargs=2, default=[0.3, 1.0], help="crop scale of the target "
       "and masked anchor views (two different crops at --image-size)")
@@ -54,13 +62,13 @@ def get_args(argv=None):
       "anchor view (ViT-S/16: 0.15)")
     a("--mask-per-image", action="store_true", help="draw one mask per image (lightly) instead "
       "of one per batch (official)")
-    a("--hidden-dim", type=int, default=2048, help="projector hidden width")
-    a("--projection-dim", type=int, default=256, help="projector output and prototype dim D")
-    a("--num-prototypes", type=int, default=1024, help="K learnable prototypes")
-    a("--tau", type=float, default=0.1, help="anchor softmax temperature")
-    a("--sharpen", type=float, default=0.25, help="target sharpening T (target temperature "
+    a("--hidden-dim", type=at_least(1), default=2048, help="projector hidden width")
+    a("--projection-dim", type=at_least(1), default=256, help="projector output and prototype dim D")
+    a("--num-prototypes", type=at_least(1), default=1024, help="K learnable prototypes")
+    a("--tau", type=positive_float, default=0.1, help="anchor softmax temperature")
+    a("--sharpen", type=positive_float, default=0.25, help="target sharpening T (target temperature "
       "tau x T)")
-    a("--sinkhorn-iters", type=int, default=3, help="Sinkhorn iterations on the targets")
+    a("--sinkhorn-iters", type=at_least(1), default=3, help="Sinkhorn iterations on the targets")
     a("--memax-weight", type=float, default=1.0, help="weight of the mean-entropy maximisation")
     a("--start-lr", type=float, default=2e-4, help="learning rate at the start of the warmup")
     a("--final-lr", type=float, default=1e-6, help="cosine floor, reached at 1.25 x the run")
@@ -68,45 +76,40 @@ def get_args(argv=None):
       "from --weight-decay over 1.25 x the run")
     a("--ema", type=float, default=0.996, help="target EMA momentum at step 0, rising linearly "
       "to 1 at 1.25 x the run")
-    a("--clip-grad", type=float, default=3.0, help="max grad norm of encoder + projector "
+    a("--clip-grad", type=at_least(0, float), default=3.0, help="max grad norm of encoder + projector "
       "(0: no clipping; the norm is logged either way)")
-    return resolve(p, p.parse_args(argv))
+    use_recipes(p, RECIPES)
+    args = p.parse_args(argv)
+    apply_recipe(args, RECIPES)
+    return resolve(p, args)
 
 
 def resolve(p, args):
-    """Size-dependent defaults (patch, focal size) and one-line errors for impossible values."""
-    size = dataset_info(args.dataset, args.image_size).image_size
-    args.patch_size = args.patch_size or (4 if size <= 64 else 16)
-    patch = args.patch_size
-    if patch < 1:
-        p.error(f"--patch-size must be positive (got {patch})")
+    """Size-dependent defaults (focal size) and one-line errors for impossible values."""
+    size, patch = args.image_size, args.patch_size
     args.focal_size = args.focal_size or -(-size * 96 // (224 * patch)) * patch
     for name, value in (("--image-size", size), ("--focal-size", args.focal_size)):
         if value % patch:
             p.error(f"{name} {value} is not a multiple of --patch-size {patch}")
     if not 0 <= args.mask_ratio < 1:
         p.error(f"--mask-ratio must be in [0, 1) (got {args.mask_ratio})")
-    if args.focal_views < 0:
-        p.error(f"--focal-views must be 0 or more (got {args.focal_views})")
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: the projector's BatchNorm needs it")
     for name in ("rand_scale", "focal_scale"):
         low, high = getattr(args, name)
         if not 0 < low <= high <= 1:
             p.error(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1")
-    if min(args.tau, args.sharpen, args.num_prototypes, 1 if args.depth is None else
-           args.depth) <= 0:
-        p.error("--tau, --sharpen, --num-prototypes and --depth must be positive")
     return args
 
 
 def view_transform(args, info) -> MultiView:
-    """[target, masked anchor, F focal] per METHODS.md 2.3: colour jitter (0.8 s, 0.8 s, 0.8 s,
-    0.2 s) p 0.8, gray 0.2, flip; blur p 0.5 only at ImageNet size (off at small sizes,
-    METHODS.md 5). Target and anchor are two independent crops of the same recipe."""
+    """[target, masked anchor, F focal] as official (src/data_manager.py): colour jitter (0.8 s,
+    0.8 s, 0.8 s, 0.2 s) p 0.8, gray 0.2, flip; blur p 0.5 only for the imagenet recipe (none
+    at small sizes, as lightly's CIFAR benchmarks). Target and anchor are two independent crops
+    of the same recipe."""
     norm, s = (info.mean, info.std), args.color_jitter
     colour = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
-                  blur_p=0.5 if info.name == "imagefolder" else 0.0)
+                  blur_p=0.5 if args.recipe == "imagenet" else 0.0)
     rand = View(info.image_size, *norm, scale=tuple(args.rand_scale), **colour)
     focal = View(args.focal_size, *norm, scale=tuple(args.focal_scale), **colour)
     return MultiView([rand, rand] + [focal] * args.focal_views)
@@ -114,7 +117,7 @@ def view_transform(args, info) -> MultiView:
 
 def schedules(step: int, total: int, warmup: int, args) -> tuple:
     """(lr, weight decay, EMA momentum) at `step`, pure functions of the step as official
-    ([MSN-off] utils.py WarmupCosineSchedule / CosineWDSchedule, msn_train.py): the LR warms up
+    (msn src/utils.py WarmupCosineSchedule / CosineWDSchedule, src/msn_train.py): the LR warms up
     linearly from --start-lr, then all three follow 1.25 x `total` steps, never reaching their
     end values. The official schedulers step before use, so step s runs with their count s + 1."""
     horizon, s = int(HORIZON * total), step + 1
@@ -165,8 +168,7 @@ def main(argv=None):
     args = get_args(argv)
     d = dist.setup(args.device)
     seed_everything(args.seed, d.rank)
-    info = dataset_info(args.dataset, args.image_size)
-    args.image_size = info.image_size
+    info = dataset_info(args)
     args.depth = args.depth or ARCHS[args.arch][1]
     # everything torchvision.models.VisionTransformer(**vit_config) needs to load backbone.pt
     args.vit_config = vit_config(args.arch, args.patch_size, args.image_size, args.depth)
@@ -188,6 +190,7 @@ def main(argv=None):
     warmup = int(args.warmup_duration * total)
 
     dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+    dist.print0(describe_recipe(args))
     images, tokens = args.batch_size * d.world_size, (args.image_size // args.patch_size) ** 2
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x (2 x "
                 f"{args.image_size} px + {args.focal_views} x {args.focal_size} px) | global "

@@ -15,8 +15,8 @@ from common.dist import gather_with_grad, rank
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """3 FC layers [hidden, hidden, out] with BN after every one and ReLU after all but the last
-    (paper, quoted in lightly's NNCLRProjectionHead; solo-learn). The output BN stays (METHODS.md
-    4.7). Linear biases are off before BN: its mean subtraction cancels them (lightly's heads;
+    (paper, quoted in lightly's NNCLRProjectionHead; solo-learn), the output BN included.
+    Linear biases are off before BN: its mean subtraction cancels them (lightly's heads;
     solo-learn keeps them, where they only ever receive a zero gradient)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(),
@@ -35,7 +35,7 @@ class NNCLR(nn.Module):
     """Backbone + projector + predictor, and the support set Q: a FIFO queue of past
     L2-normalised view-1 projections, kept as persistent buffers so checkpoints carry it."""
 
-    def __init__(self, arch="resnet18", stem="auto", image_size=32, hidden_dim=2048,
+    def __init__(self, arch="resnet18", stem="cifar", image_size=32, hidden_dim=2048,
                  projection_dim=256, pred_hidden_dim=4096, queue_size=65536):
         super().__init__()
         self.backbone = resnet(arch, stem, image_size)

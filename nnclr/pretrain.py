@@ -16,89 +16,73 @@ from common import dist
 from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
 from common.data import dataset_info, pretrain_data
+from common.lars import LARS
 from common.loop import fit
-from common.train import (Parser, UserError, add_common_args, autocast, backward_step,
-                          resolve_output_dir, resume_path, run_main, seed_everything,
-                          warmup_cosine)
+from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
+from common.train import (Parser, UserError, add_common_args, at_least, autocast,
+                          backward_step, cap_queue, positive_float, resolve_output_dir,
+                          resume_path, run_main, seed_everything, warmup_cosine)
 from nnclr.model import NNCLR, nnclr_loss
+
+# solo-learn's CIFAR recipe (scripts/pretrain/cifar/nnclr.yaml, solo/methods/base.py): batch
+# 256, 1000 epochs, LARS 0.4 per 256 images (eta 0.02, clipped), 10 warmup epochs, wd 1e-5,
+# temperature 0.2, support set 65536
+CIFAR = dict(backbone="resnet18", batch_size=256, max_epochs=1000, learning_rate=None,
+             base_learning_rate=0.4, warmup_duration=Epochs(10), weight_decay=1e-5,
+             lars_eta=0.02, hidden_dim=2048, projection_dim=256, pred_hidden_dim=4096,
+             queue_size=65536, tau=0.2)
+RECIPES = {
+    "cifar": CIFAR,
+    "stl10": CIFAR,  # no reference trains NNCLR on STL-10: the CIFAR recipe at 64 px
+    # the paper's ImageNet values (ResNet-50, lr 0.3 per 256 images, wd 1e-6, 1000 epochs,
+    # 10 warmup, temperature 0.1, support set 98304; global batch 4096) with solo-learn's
+    # LARS; 256 images per process (16 processes: the paper's 4096)
+    "imagenet": dict(CIFAR, backbone="resnet50", base_learning_rate=0.3, weight_decay=1e-6,
+                     queue_size=98304, tau=0.1),
+}
 
 
 def get_args(argv=None):
     p = Parser(description="NNCLR pretraining")
-    # solo-learn CIFAR recipe (scripts/pretrain/cifar/nnclr.yaml): batch 256, 1000 epochs,
-    # 10 warmup epochs (1%), wd 1e-5; kNN T = 0.1 as lightly's CIFAR-10 benchmark (METHODS.md 5)
-    add_common_args(p, batch_size=256, max_epochs=1000, learning_rate=None, warmup_duration=0.01,
-                    weight_decay=1e-5, knn_temperature=0.1, learning_rate_help="peak learning "
-                    "rate; unset: --base-learning-rate x global batch / 256")
+    add_common_args(p, knn_temperature=0.1, learning_rate_help="peak learning rate; unset: "
+                    "--base-learning-rate x global batch / 256 (solo-learn's rule)")
     g = p.add_argument_group("nnclr")
     add_resnet_args(g)
-    g.add_argument("--base-learning-rate", type=float, default=0.4, help="peak LR per 256 images "
-                   "of global batch (solo-learn: 0.4); used as base x global batch / 256 unless "
-                   "--learning-rate sets the peak LR directly")
-    g.add_argument("--hidden-dim", type=int, default=2048, help="projector hidden width")
-    g.add_argument("--projection-dim", type=int, default=256, help="embedding dim D of the "
+    g.add_argument("--base-learning-rate", type=positive_float, help="peak LR per 256 images "
+                   "of global batch, used unless --learning-rate sets the peak LR directly")
+    g.add_argument("--hidden-dim", type=at_least(1), help="projector hidden width")
+    g.add_argument("--projection-dim", type=at_least(1), help="embedding dim D of the "
                    "projector, the predictor output and the support set")
-    g.add_argument("--pred-hidden-dim", type=int, default=4096, help="predictor hidden width")
-    g.add_argument("--queue-size", type=int, default=65536, help="support-set size K, a multiple "
-                   "of the global batch (solo-learn 65536, paper 98304). Neighbours are random "
-                   "vectors for the first K / global-batch steps: use 4096-8192 for short runs")
-    g.add_argument("--tau", type=float, default=0.2, help="softmax temperature of the loss "
-                   "(solo-learn CIFAR 0.2, paper 0.1). Not --temperature: that is the kNN "
-                   "monitor's (default 0.1 here, lightly's CIFAR-10 benchmark)")
-    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient "
-                   "(solo-learn); each weight matrix's LR is min(lr, eta x trust ratio), so a "
-                   "huge value gives plain SGD with momentum")
+    g.add_argument("--pred-hidden-dim", type=at_least(1), help="predictor hidden width")
+    g.add_argument("--queue-size", type=at_least(1), help="support-set size K, a multiple of "
+                   "the global batch and at most the training set (larger is shrunk, with a "
+                   "notice). Neighbours are random vectors for the first K / global-batch "
+                   "steps: use 4096-8192 for short runs")
+    g.add_argument("--tau", type=positive_float, help="softmax temperature of the loss (paper "
+                   "0.1). Not --temperature: that is the kNN monitor's (lightly's CIFAR-10 "
+                   "benchmark: 0.1)")
+    g.add_argument("--lars-eta", type=positive_float, help="LARS trust coefficient "
+                   "(solo-learn's form); each weight matrix's LR is min(lr, eta x trust ratio)")
+    use_recipes(p, RECIPES)
     args = p.parse_args(argv)
+    apply_recipe(args, RECIPES)
+    if "base_learning_rate" in args.explicit and "learning_rate" not in args.explicit:
+        args.learning_rate = None  # the given base lr decides, scaled by the global batch
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: BatchNorm and the contrastive loss need it")
-    if args.queue_size < 1:
-        p.error(f"--queue-size must be positive (got {args.queue_size})")
-    if args.tau <= 0:
-        p.error(f"--tau must be positive (got {args.tau})")
+    args.stem = resolve_stem(args.stem, args.recipe)
     return args
 
 
 def view_transform(args, info) -> MultiView:
-    """Two asymmetric views (solo-learn asymmetric.yaml, METHODS.md 4.3): crop (0.08, 1), bicubic,
-    jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, flip; solarise only view 2 (0.0 / 0.2); blur
-    1.0 / 0.1 only at ImageNet size (solo-learn IN-100; no blur at 32-64 px)."""
-    big = info.name == "imagefolder"
+    """Two asymmetric views (solo-learn asymmetric.yaml): crop (0.08, 1), bicubic, jitter
+    (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, flip; solarise only view 2 (0.0 / 0.2); blur 1.0 / 0.1
+    only for the imagenet recipe (solo-learn's ImageNet-100; none at 32-64 px)."""
+    big = args.recipe == "imagenet"
     kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), interpolation="bicubic")
     return MultiView([View(info.image_size, info.mean, info.std, blur_p=1.0 if big else 0.0, **kw),
                       View(info.image_size, info.mean, info.std, blur_p=0.1 if big else 0.0,
                            solarize_p=0.2, **kw)])
-
-
-class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise adaptive rate scaling (You et al., arXiv 1708.03888) as
-    solo-learn runs it (solo/utils/lars.py, clip_lr and exclude_bias_n_norm on): a parameter
-    with more than one dimension steps with d = (g + wd w) * min(1, eta ||w|| / (||g|| +
-    wd ||w|| + eps) / lr); a 1-D one (bias, BN) with d = g, no decay and no scaling; either way
-    v = momentum v + d, w = w - lr v. As solo-learn, a zero ||w|| or ||g|| also means d = g."""
-
-    def __init__(self, params, lr: float, weight_decay: float, eta: float = 0.02,
-                 momentum: float = 0.9, eps: float = 1e-8):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eta=eta,
-                                      momentum=momentum, eps=eps))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                d = w.grad
-                if w.ndim > 1:
-                    w_norm, g_norm = w.norm(), d.norm()
-                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                    adapted = (d + wd * w) * torch.clamp(trust / lr, max=1.0)
-                    d = torch.where((w_norm > 0) & (g_norm > 0), adapted, d)
-                state = self.state[w]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(w)
-                buf = state["momentum_buffer"].mul_(group["momentum"]).add_(d)
-                w.add_(buf, alpha=-lr)
 
 
 def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) -> dict:
@@ -124,8 +108,7 @@ def main(argv=None):
     args = get_args(argv)
     d = dist.setup(args.device)
     seed_everything(args.seed, d.rank)
-    info = dataset_info(args.dataset, args.image_size)
-    args.image_size, args.stem = info.image_size, resolve_stem(args.stem, info.image_size)
+    info = dataset_info(args)
     images = args.batch_size * d.world_size
     if args.queue_size % images:
         raise UserError(f"--queue-size {args.queue_size} must be a multiple of the global batch "
@@ -138,6 +121,7 @@ def main(argv=None):
 
     # ---- data: B images x 2 asymmetric views per process and step
     loader, sampler, knn_data = pretrain_data(args, info, view_transform(args, info), d)
+    args.queue_size = cap_queue(args.queue_size, len(loader) * images, "--queue-size")
     # NN accuracy needs every pretraining image labelled: not STL-10's train+unlabeled split,
     # not a flat image folder (no kNN data either)
     nn_accuracy = knn_data is not None and info.name != "stl10"
@@ -155,11 +139,14 @@ def main(argv=None):
     warmup = int(args.warmup_duration * total)
 
     dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
+    dist.print0(describe_recipe(args))
+    scaled = "learning_rate" not in args.explicit
+    rule = f"base {args.base_learning_rate:g} x {images} / 256" if scaled else "as given"
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x 2 views | "
                 f"global {images} images per step | {len(loader)} steps/epoch | peak lr "
-                f"{args.learning_rate:g} (base {args.base_learning_rate:g} x {images} / 256 "
-                f"unless set) | support set {args.queue_size} = {args.queue_size // images} "
-                f"steps of random vectors before it is full | {out_dir}")
+                f"{args.learning_rate:g} ({rule}) | support set {args.queue_size} = "
+                f"{args.queue_size // images} steps of random vectors before it is full | "
+                f"{out_dir}")
 
     # ---- train
     def step_fn(batch, step):

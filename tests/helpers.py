@@ -91,7 +91,7 @@ class TinyCNN(torch.nn.Module):
     output (B, TINY_FEATURES) and the ResNet attribute names common.backbone.feature_map reads:
     swapped in for the ResNet where a test needs ~100 training steps in seconds on a CPU."""
 
-    def __init__(self, arch="resnet18", stem="cifar", image_size=16):
+    def __init__(self, arch="resnet18", stem="cifar", image_size=16, zero_init_residual=False):
         super().__init__()
         nn = torch.nn
         self.conv1, self.bn1 = nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32)

@@ -341,7 +341,7 @@ def _fails(main, argv, capsys, match):
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     flags = [*TINY, "--dev", "32", "--output-dir", str(tmp_path / "r")]
-    _fails(pretrain.main, [*flags, "--tau", "0"], capsys, "--tau must be positive")
+    _fails(pretrain.main, [*flags, "--tau", "0"], capsys, "argument --tau: must be positive")
     _fails(pretrain.main, [*flags, "--dense-weight", "2"], capsys, "--dense-weight")
     _fails(pretrain.main, [*flags, "--queue-size", "12"], capsys,
            "--queue-size 12 must be a multiple of the global batch 8")

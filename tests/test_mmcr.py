@@ -65,7 +65,7 @@ def test_gradients_finite_on_degenerate_inputs(z):
 
 
 def test_momentum_update_is_the_ema():
-    model = MMCR(image_size=16, hidden_dim=8, projection_dim=4, momentum=True)
+    model = MMCR(image_size=16, hidden_dims=[8], projection_dim=4, momentum=True)
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(1.0)
@@ -164,7 +164,7 @@ def test_cli_error_has_no_traceback():
     result = run_script("mmcr/pretrain.py", "--num-views", "1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: --num-views must be at least 2 (got 1): MMCR averages views (see --help)"]
+        "error: argument --num-views: must be at least 2 (got 1) (see --help)"]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -10,13 +10,14 @@ from torchvision import transforms as T
 
 from common import dist
 from common.data import dataset_info
+from common.lars import LARS
 from common.train import run_main
 from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed, run_script,
                      straight_and_resumed, use_tiny_cnn)
 from nnclr import model as nnclr_model
 from nnclr import pretrain
 from nnclr.model import NNCLR, nnclr_loss
-from nnclr.pretrain import LARS, train_step
+from nnclr.pretrain import train_step
 
 HEADS = ["--hidden-dim", "32", "--projection-dim", "16", "--pred-hidden-dim", "32"]
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--num-workers", "0",
@@ -103,34 +104,6 @@ def test_support_set_is_saved_and_restored():
         assert torch.equal(getattr(fresh, name), getattr(model, name)), name
 
 
-def test_lars_two_steps_by_hand():
-    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
-    b = torch.nn.Parameter(torch.tensor([1.0, -2.0]))  # 1-D: no decay, no scaling
-    idle = torch.nn.Parameter(torch.tensor([[1.0, 1.0]]))  # zero gradient: d = g = 0
-    opt = LARS([w, b, idle], lr=0.5, weight_decay=0.1, eta=0.02)
-    for p, grad in ((w, [[0.6, 0.8]]), (b, [0.5, 0.5]), (idle, [[0.0, 0.0]])):
-        p.grad = torch.tensor(grad)  # ||g_w|| = 1
-    opt.step()
-    # trust = 0.02 * 5 / (1 + 0.1 * 5) = 1/15; / lr 0.5 -> 2/15 < 1, so no clipping
-    d1 = [(0.6 + 0.3) * 2 / 15, (0.8 + 0.4) * 2 / 15]  # = [0.12, 0.16]
-    torch.testing.assert_close(w, torch.tensor([[3 - 0.5 * d1[0], 4 - 0.5 * d1[1]]]))
-    torch.testing.assert_close(b, torch.tensor([0.75, -2.25]))
-    torch.testing.assert_close(idle, torch.tensor([[1.0, 1.0]]))
-    opt.step()  # same gradients; ||w|| = 4.9 now; momentum 0.9 on the first d
-    scale = 0.02 * 4.9 / (1 + 0.1 * 4.9) / 0.5
-    w1 = [3 - 0.5 * d1[0], 4 - 0.5 * d1[1]]
-    v2 = [0.9 * d1[k] + (g + 0.1 * w1[k]) * scale for k, g in enumerate((0.6, 0.8))]
-    torch.testing.assert_close(w, torch.tensor([[w1[0] - 0.5 * v2[0], w1[1] - 0.5 * v2[1]]]))
-    torch.testing.assert_close(b, torch.tensor([0.75 - 0.5 * 1.9 * 0.5, -2.25 - 0.5 * 1.9 * 0.5]))
-
-
-def test_lars_clips_to_the_global_lr():
-    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
-    w.grad = torch.tensor([[0.6, 0.8]])
-    LARS([w], lr=0.01, weight_decay=0.1, eta=0.02).step()  # trust / lr = 6.7 -> clipped to 1
-    torch.testing.assert_close(w, torch.tensor([[3 - 0.01 * 0.9, 4 - 0.01 * 1.2]]))
-
-
 def test_views_are_asymmetric():
     def ops(view):
         found = {}
@@ -139,12 +112,13 @@ def test_views_are_asymmetric():
             found[type(inner).__name__] = t.p
         return found
 
-    args = pretrain.get_args([])
-    small = pretrain.view_transform(args, dataset_info("cifar10")).views
+    args = pretrain.get_args(["--dataset", "synthetic"])
+    small = pretrain.view_transform(args, dataset_info(args)).views
     assert [ops(v).get("RandomSolarize", 0.0) for v in small] == [0.0, 0.2]
     assert all("GaussianBlur" not in ops(v) for v in small)
     assert small[0].colour.transforms[0].transforms[0].saturation == (0.8, 1.2)  # jitter 0.2
-    big = pretrain.view_transform(args, dataset_info("imagefolder")).views
+    args = pretrain.get_args(["--dataset", "synthetic", "--recipe", "imagenet"])
+    big = pretrain.view_transform(args, dataset_info(args)).views
     assert [ops(v)["GaussianBlur"] for v in big] == [1.0, 0.1]
 
 
@@ -216,7 +190,7 @@ def test_short_run_lowers_the_loss_and_lifts_knn_and_nn_acc(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("flags, message", [
     (["--queue-size", "20"], "must be a multiple of the global batch 8"),
-    (["--tau", "0"], "--tau must be positive"),
+    (["--tau", "0"], "argument --tau: must be positive"),
     (["--batch-size", "1"], "--batch-size must be at least 2"),
 ])
 def test_bad_input_is_one_line_and_exit_2(flags, message, capsys, tmp_path):

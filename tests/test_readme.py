@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -21,9 +22,21 @@ def readme_commands():
                 yield words[scripts[0]], words[scripts[0] + 1:]
 
 
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """An ImageNet-size image folder (one 256 px image in train/a and val/a)."""
+    root = tmp_path_factory.mktemp("photos")
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        Image.new("RGB", (256, 256)).save(root / split / "a" / "0.png")
+    return root
+
+
 @pytest.mark.parametrize("script, argv", list(readme_commands()))
-def test_readme_command_parses(script, argv):
+def test_readme_command_parses(script, argv, photo_folder):
     module = importlib.import_module(script[:-3].replace("/", "."))
+    if "--data-dir" in argv and not Path(argv[argv.index("--data-dir") + 1]).exists():
+        argv = [*argv, "--data-dir", str(photo_folder)]  # a placeholder such as /data/imagenet
     if script.endswith("pretrain.py"):
         module.get_args(argv)
     else:

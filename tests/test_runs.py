@@ -1,0 +1,132 @@
+"""A run as a user meets it, through MMCR's scripts and the shared loop (common/loop.py,
+common/finetune.py, common/data.py): what is printed, what is written, what is refused."""
+import re
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from common.train import run_main
+from helpers import read_metrics, use_tiny_cnn
+from mmcr import finetune, pretrain
+from mmcr import model as mmcr_model
+
+TINY = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--num-views", "2",
+        "--num-workers", "0", "--num-neighbours", "10", "--log-every", "1"]
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    use_tiny_cnn(monkeypatch, mmcr_model)
+    use_tiny_cnn(monkeypatch, finetune)
+
+
+def fails(main, argv, capsys, match):
+    """main(argv) prints one error line containing `match` and exits with code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+@pytest.fixture
+def pretrained(tmp_path, tiny):
+    """A finished 1-epoch run on 32 images (--dev 32)."""
+    run = tmp_path / "run"
+    pretrain.main([*TINY, "--dev", "32", "--max-epochs", "1", "--output-dir", str(run)])
+    return run
+
+
+def test_finetune_follows_the_checkpoint_and_refuses_a_second_run(pretrained, tiny, capsys):
+    capsys.readouterr()
+    flags = ["--checkpoint", str(pretrained / "last.pt"), "--batch-size", "8", "--max-epochs",
+             "1", "--num-workers", "0"]
+    finetune.main(flags)
+    out = capsys.readouterr().out
+    assert "finetune (linear, BatchNorm frozen): 32 images, 10 classes" in out  # --dev 32 kept
+    assert not re.search(r"\d\.\d{5,}", out), out  # rounded numbers only
+    before = sorted(p.name for p in (pretrained / "finetune-linear").iterdir())
+    fails(finetune.main, flags, capsys, "already holds a finetune run")
+    assert sorted(p.name for p in (pretrained / "finetune-linear").iterdir()) == before
+    assert len(read_metrics(pretrained / "finetune-linear")) == 1
+
+
+def test_finetune_bad_input_is_one_line(pretrained, capsys):
+    ckpt = ["--checkpoint", str(pretrained / "last.pt")]
+    fails(finetune.main, [*ckpt, "--dataset", "cifar11"], capsys, "invalid choice: 'cifar11'")
+    fails(finetune.main, [*ckpt, "--batch-size", "-1"], capsys, "--batch-size: must be at "
+          "least 1")
+    fails(finetune.main, [*ckpt, "--max-epochs", "0"], capsys, "--max-epochs: must be at least 1")
+    assert not (pretrained / "finetune-linear").exists()
+
+
+@pytest.mark.parametrize("epochs", ["0", "-1"])
+def test_no_epochs_is_an_error(epochs, tmp_path, capsys):
+    fails(pretrain.main, [*TINY, "--max-epochs", epochs, "--output-dir", str(tmp_path / "r")],
+          capsys, "--max-epochs: must be at least 1")
+    assert not (tmp_path / "r").exists()
+
+
+def test_refused_resume_writes_nothing(pretrained, tmp_path, tiny, capsys):
+    other = tmp_path / "other.pt"
+    torch.save({"method": "nnclr", "model": {}, "args": {}}, other)
+    new = tmp_path / "new"
+    fails(pretrain.main, [*TINY, "--output-dir", str(new), "--resume", str(other)], capsys,
+          "'nnclr'")
+    fails(pretrain.main, [*TINY, "--dev", "32", "--max-epochs", "1", "--output-dir", str(new),
+                          "--resume", str(pretrained / "best.pt")], capsys, "weights only")
+    fails(pretrain.main, [*TINY, "--dev", "32", "--max-epochs", "1", "--num-views", "3",
+                          "--output-dir", str(new), "--resume", str(pretrained / "last.pt")],
+          capsys, "num_views")
+    assert not new.exists()
+
+
+def test_best_holds_weights_only_and_knn_is_one_curve(pretrained, tiny, capsys):
+    best = torch.load(pretrained / "best.pt", weights_only=True)
+    last = torch.load(pretrained / "last.pt", weights_only=True)
+    assert "optimizer" not in best and "rng" not in best and "optimizer" in last
+    assert best["model"].keys() == last["model"].keys()
+    assert (pretrained / "best.pt").stat().st_size < 0.6 * (pretrained / "last.pt").stat().st_size
+    events = EventAccumulator(str(pretrained)).Reload()
+    assert [e.step for e in events.Scalars("knn/top1")] == [0, 4]  # untrained, after epoch 1
+    assert not [t for t in events.Tags()["scalars"] if t.startswith("epoch/knn")]
+    finetune.main(["--checkpoint", str(pretrained / "best.pt"), "--batch-size", "8",
+                   "--max-epochs", "1", "--num-workers", "0"])
+
+
+def test_untrained_knn_is_printed(tmp_path, tiny, capsys):
+    pretrain.main([*TINY, "--dev", "16", "--max-epochs", "1", "--output-dir", str(tmp_path)])
+    epoch0 = read_metrics(tmp_path)[0]
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("epoch 0"))
+    assert f"knn_top1 {epoch0['knn_top1']:.2f}" in line, line
+
+
+def _image_folder(root, size, per_class=8, classes=("a", "b")):
+    for split in ("train", "val"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                colour = (40 * i, 255 - 40 * i, 128 if c == "a" else 0)
+                Image.new("RGB", (size, size), colour).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_truncated_image_is_skipped_with_a_warning(tmp_path, tiny, capsys):
+    root = _image_folder(tmp_path / "data", 16)
+    bad = root / "train" / "a" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # cut off mid-file
+    pretrain.main(["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "4",
+                   "--num-views", "2", "--num-workers", "0", "--max-epochs", "1",
+                   "--num-neighbours", "5", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert f"skipping unreadable image {bad}" in err and "1 unreadable so far" in err
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
+def test_image_folder_without_class_folders_is_one_line(tmp_path, capsys):
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        Image.new("RGB", (16, 16)).save(tmp_path / split / "x.png")
+    fails(pretrain.main, [*TINY, "--dataset", "imagefolder", "--data-dir", str(tmp_path),
+                          "--output-dir", str(tmp_path / "r")], capsys, "no class folders")
