@@ -16,16 +16,23 @@ class View:
 
     Returns (tensor (C, size, size), box) where box = (top, left, height, width, flipped) with the
     crop given as fractions of the source image, so a method can map view cells to image cells.
-    `colour_first` applies the colour ops before the crop (MMCR's STL-10 recipe)."""
+    `colour_first` applies the colour ops before the crop (MMCR's STL-10 recipe). The settings
+    stay readable as attributes: common.device_views.BatchViews makes the same view on a batch."""
 
     def __init__(self, size, mean, std, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),
                  jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0, colour_first=False,
                  interpolation="bilinear"):
-        self.size, self.scale, self.colour_first = size, scale, colour_first
+        self.size, self.mean, self.std, self.scale = size, mean, std, scale
+        self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
+        self.blur_p, self.solarize_p, self.colour_first = blur_p, solarize_p, colour_first
+        # blur kernel about 10% of the image, sigma ~ U(0.1, 2.0) as in BYOL/MoCo v2
+        self.blur_kernel, self.blur_sigma = size // 20 * 2 + 1, (0.1, 2.0)
+        self.interpolation_mode = interpolation
         self.interpolation = INTERPOLATION[interpolation]
         colour = [T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p), T.RandomGrayscale(gray_p)]
-        if blur_p > 0:  # kernel about 10% of the image, sigma ~ U(0.1, 2.0) as in BYOL/MoCo v2
-            colour.append(T.RandomApply([T.GaussianBlur(size // 20 * 2 + 1, (0.1, 2.0))], blur_p))
+        if blur_p > 0:
+            colour.append(T.RandomApply([T.GaussianBlur(self.blur_kernel, self.blur_sigma)],
+                                        blur_p))
         if solarize_p > 0:  # PIL uint8 image: threshold 128 is the usual "> half" solarisation
             colour.append(T.RandomSolarize(128, p=solarize_p))
         self.colour = T.Compose(colour)

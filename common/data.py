@@ -8,12 +8,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from common import dist
-from common.augment import eval_transform
+from common.augment import MultiView, eval_transform
+from common.device_views import BatchViews, collate_images, decode
 from common.synthetic import SyntheticShapes
 from common.train import UserError
 
@@ -185,16 +187,20 @@ def num_classes(ds) -> int:
     return len(getattr(base, "classes", [])) or 0
 
 
-def train_loader(ds, batch_size: int, num_workers: int, d, seed: int):
+def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn=None):
     """Shuffled, drop_last loader over this process's shard; call sampler.set_epoch each epoch.
-    The shuffle order is a pure function of (seed, epoch), also for a single process."""
+    The shuffle order is a pure function of (seed, epoch), also for a single process. Workers
+    persist across epochs only when they draw no random numbers (a `collate_fn` is given: the
+    decode-only loader), so a resumed run draws the same views as an uninterrupted one."""
     if len(ds) < batch_size * d.world_size:
         raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch "
                         f"({batch_size} x {d.world_size} processes): lower --batch-size")
     sampler = DistributedSampler(ds, d.world_size, d.rank, shuffle=True, seed=seed,
                                  drop_last=True)
     loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=d.device.type == "cuda", drop_last=True)
+                        pin_memory=d.device.type == "cuda", drop_last=True,
+                        collate_fn=collate_fn,
+                        persistent_workers=num_workers > 0 and collate_fn is not None)
     return loader, sampler
 
 
@@ -203,18 +209,52 @@ def eval_loader(ds, batch_size: int, num_workers: int, pin: bool = False):
     return DataLoader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin)
 
 
-def pretrain_data(args, info: DataInfo, transform, d):
-    """The pretraining loader and sampler, plus kNN data (bank loader, test loader, classes),
-    or None for the kNN part when the data has no labelled train and test splits."""
+def to_device(batch, device):
+    """Every tensor of a (nested) batch moved to `device` (non-blocking from pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(b, device) for b in batch)
+
+
+@dataclass
+class PretrainData:
+    """The pretraining loader and its sampler; `prepare` turns a loaded batch into the views on
+    the device: (views, labels) or ((views, boxes), labels), views a list of V (B, C, s, s).
+    knn: (bank loader, test loader, class count), or None for unlabelled data."""
+    loader: DataLoader
+    sampler: DistributedSampler
+    prepare: object
+    knn: tuple | None
+
+
+def pretrain_data(args, info: DataInfo, views: MultiView, d) -> PretrainData:
+    """Loaders of a pretraining run. --augment device: the workers only decode and BatchViews
+    makes the views on the device; --augment pil: the workers make them with PIL."""
+    on_device = args.augment == "device"
+    transform, collate = (decode, collate_images) if on_device else (views, None)
     ds = load_split(info, args.data_dir, "pretrain", transform, args.seed, args.dev)
-    loader, sampler = train_loader(ds, args.batch_size, args.num_workers, d, args.seed)
+    loader, sampler = train_loader(ds, args.batch_size, args.num_workers, d, args.seed, collate)
+    if on_device:
+        make = BatchViews(views.views, views.with_boxes)
+
+        def prepare(batch):
+            images, sizes, labels = to_device(batch, d.device)
+            return make(images, sizes), labels
+    else:
+        def prepare(batch):
+            return to_device(batch, d.device)
+    return PretrainData(loader, sampler, prepare, knn_data(args, info, d))
+
+
+def knn_data(args, info: DataInfo, d):
+    """(bank loader, test loader, class count) of the kNN monitor: the labelled train split
+    and the test split with the eval transform; None when the data has no labelled splits."""
     test_tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
     bank = load_split(info, args.data_dir, "train", test_tf, args.seed, args.dev)
     test = load_split(info, args.data_dir, "test", test_tf, args.seed, args.dev)
     if bank is None or test is None or not num_classes(bank):
         dist.print0("kNN monitor off: the data has no labelled train/ and val/ splits")
-        return loader, sampler, None
+        return None
     pin = d.device.type == "cuda"
-    knn = (eval_loader(bank, 512, args.num_workers, pin), eval_loader(test, 512, args.num_workers,
-                                                                      pin), num_classes(bank))
-    return loader, sampler, knn
+    return (eval_loader(bank, 512, args.num_workers, pin),
+            eval_loader(test, 512, args.num_workers, pin), num_classes(bank))

@@ -130,11 +130,12 @@ def epoch_means(sums: dict, n_steps: int, device) -> dict:
     return dict(zip(keys, dist.all_reduce_mean(means).tolist()))
 
 
-def fit(*, method, args, d, model, optimizer, scaler, step_fn, loader, sampler, backbone,
-        knn_data, out_dir, resume_from=None) -> dict:
-    """Train `model` with `step_fn` from epoch 0 (or the checkpoint) to args.max_epochs.
-    `backbone` is the encoder that kNN evaluates and backbone.pt holds; knn_data is
-    (bank_loader, test_loader, num_classes) or None for unlabeled data."""
+def fit(*, method, args, d, model, optimizer, scaler, step_fn, data, backbone, out_dir,
+        resume_from=None) -> dict:
+    """Train `model` with `step_fn(views batch, step)` on `data` (common.data.PretrainData)
+    from epoch 0 (or the checkpoint) to args.max_epochs. `backbone` is the encoder that kNN
+    evaluates and backbone.pt holds."""
+    knn_data, loader, sampler = data.knn, data.loader, data.sampler
     start_epoch, step, best, record = 0, 0, -1.0, {}
     do_eval = bool(knn_data and args.eval_every)
     if resume_from:  # checked and loaded before anything is written to the run directory
@@ -155,7 +156,7 @@ def fit(*, method, args, d, model, optimizer, scaler, step_fn, loader, sampler, 
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.max_epochs}", disable=not d.is_main)
         for batch in bar:
             wait += time.perf_counter() - t
-            out = step_fn(batch, step)
+            out = step_fn(data.prepare(batch), step)
             check_finite(out, step, d.device)
             sums = {k: sums.get(k, 0) + v for k, v in out.items()}
             step, n_steps = step + 1, n_steps + 1

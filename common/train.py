@@ -104,6 +104,9 @@ def add_common_args(parser, *, knn_temperature=0.5, learning_rate_help="peak lea
     a("--temperature", type=positive_float, default=knn_temperature, help="kNN vote "
       "temperature T (weights exp(cos/T))")
     a("--eval-every", type=at_least(0), default=1, help="kNN every N epochs (0: never)")
+    a("--augment", default="device", choices=["device", "pil"], help="device: the loader only "
+      "decodes, the views of a whole batch are made on the training device with tensor ops; "
+      "pil: each view made by PIL in the DataLoader workers (the reference)")
     a("--num-workers", type=at_least(0), default=min(8, cpu_cores()),
       help="DataLoader workers per process (the cores this process may use, at most 8)")
     a("--dev", type=at_least(0), nargs="?", const=2048, default=0, help="use only the first N "

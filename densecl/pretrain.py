@@ -132,9 +132,9 @@ def main(argv=None):
     resume_from = resume_path(args, out_dir)
 
     # ---- data: B images x 2 views (+ crop boxes) per process and step
-    loader, sampler, knn_data = pretrain_data(args, info, view_transform(args, info), d)
+    data = pretrain_data(args, info, view_transform(args, info), d)
     images = args.batch_size * d.world_size
-    args.queue_size = cap_queue(args.queue_size, len(loader) * images, "--queue-size")
+    args.queue_size = cap_queue(args.queue_size, len(data.loader) * images, "--queue-size")
 
     # ---- model, optimizer: SGD on the online backbone + neck only
     model = DenseCL(args.backbone, args.stem, args.image_size, args.hidden_dim,
@@ -147,13 +147,13 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=peak_lr, momentum=0.9, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
-    total = args.max_epochs * len(loader)
+    total = args.max_epochs * len(data.loader)
     warmup = int(args.warmup_duration * total)
 
     dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
     dist.print0(describe_recipe(args))
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x 2 views | "
-                f"global {images} images per step | {len(loader)} steps/epoch | lr: base "
+                f"global {images} images per step | {len(data.loader)} steps/epoch | lr: base "
                 f"{args.learning_rate} x {images}/{LR_BATCH} = {peak_lr:g} | queues "
                 f"{args.queue_size} | BatchNorm: key batch shuffled over {images} images, "
                 f"{args.bn_splits} group(s) of {args.batch_size // args.bn_splits} per process "
@@ -162,14 +162,13 @@ def main(argv=None):
     # ---- train
     def step_fn(batch, step):
         (views, boxes), _ = batch  # 2 x (B, C, H, W), (B, 2, 5)
-        x_q, x_k = (v.to(d.device, non_blocking=True).contiguous(memory_format=memory_format)
-                    for v in views)
+        x_q, x_k = (v.contiguous(memory_format=memory_format) for v in views)
         lr = warmup_cosine(step, total, warmup, peak_lr)
-        return train_step(net, model, x_q, x_k, boxes.to(d.device), optimizer, scaler, lr, args)
+        return train_step(net, model, x_q, x_k, boxes, optimizer, scaler, lr, args)
 
     fit(method="densecl", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,
-        step_fn=step_fn, loader=loader, sampler=sampler, backbone=model.backbone,
-        knn_data=knn_data, out_dir=out_dir, resume_from=resume_from)
+        step_fn=step_fn, data=data, backbone=model.backbone, out_dir=out_dir,
+        resume_from=resume_from)
     dist.cleanup()
 
 

@@ -138,7 +138,7 @@ def main(argv=None):
     resume_from = resume_path(args, out_dir)
 
     # ---- data: B images x V views per process and step
-    loader, sampler, knn_data = pretrain_data(args, info, view_transform(args, info), d)
+    data = pretrain_data(args, info, view_transform(args, info), d)
 
     # ---- model, optimizer
     model = MMCR(args.backbone, args.stem, args.image_size, args.hidden_dim, args.projection_dim,
@@ -149,7 +149,7 @@ def main(argv=None):
     net = torch.compile(net) if args.compile else net
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
-    total = args.max_epochs * len(loader)
+    total = args.max_epochs * len(data.loader)
     warmup = int(args.warmup_duration * total)
 
     dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
@@ -158,7 +158,7 @@ def main(argv=None):
     rule = f"base {base:g} x {images} / 256" if scaled else "not batch-scaled"
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x "
                 f"{args.num_views} views = {args.batch_size * args.num_views} crops | global "
-                f"{images} images, {images * args.num_views} crops per step | {len(loader)} "
+                f"{images} images, {images * args.num_views} crops per step | {len(data.loader)} "
                 f"steps/epoch | {args.optimizer}, peak lr {args.learning_rate:g} ({rule}) | "
                 f"{out_dir}")
 
@@ -166,14 +166,14 @@ def main(argv=None):
     def step_fn(batch, step):
         views, _ = batch  # V tensors of (B, C, H, W)
         x = torch.stack(views, 1).flatten(0, 1)  # (B*V, C, H, W), each image's views contiguous
-        x = x.to(d.device, non_blocking=True).contiguous(memory_format=memory_format)
+        x = x.contiguous(memory_format=memory_format)
         lr = warmup_cosine(step, total, warmup, args.learning_rate,
                            args.final_lr_ratio * args.learning_rate)
         return train_step(net, model, x, optimizer, scaler, lr, args)
 
     fit(method="mmcr", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,
-        step_fn=step_fn, loader=loader, sampler=sampler, backbone=model.backbone,
-        knn_data=knn_data, out_dir=out_dir, resume_from=resume_from)
+        step_fn=step_fn, data=data, backbone=model.backbone, out_dir=out_dir,
+        resume_from=resume_from)
     dist.cleanup()
 
 

@@ -176,7 +176,7 @@ def main(argv=None):
     resume_from = resume_path(args, out_dir)
 
     # ---- data: per image 1 target + 1 anchor at --image-size and F focal crops
-    loader, sampler, knn_data = pretrain_data(args, info, view_transform(args, info), d)
+    data = pretrain_data(args, info, view_transform(args, info), d)
 
     # ---- model, optimizer
     model = MSN(args.vit_config, args.hidden_dim, args.projection_dim,
@@ -186,7 +186,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(model), lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
-    total = args.max_epochs * len(loader)
+    total = args.max_epochs * len(data.loader)
     warmup = int(args.warmup_duration * total)
 
     dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
@@ -195,19 +195,18 @@ def main(argv=None):
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x (2 x "
                 f"{args.image_size} px + {args.focal_views} x {args.focal_size} px) | global "
                 f"batch {images} images | {tokens} tokens, {int(tokens * (1 - args.mask_ratio))} "
-                f"kept in the anchor | {len(loader)} steps/epoch | peak lr {args.learning_rate} "
+                f"kept in the anchor | {len(data.loader)} steps/epoch | peak lr {args.learning_rate} "
                 f"(not batch-scaled; official: global batch 1024) | {out_dir}")
 
     # ---- train
     def step_fn(batch, step):
         views, _ = batch  # [target, anchor, focal_1 .. focal_F], each (B, C, H_v, W_v)
-        views = [v.to(d.device, non_blocking=True) for v in views]
         schedule = schedules(step, total, warmup, args)
         return train_step(net, model, views, optimizer, scaler, schedule, args)
 
     fit(method="msn", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,
-        step_fn=step_fn, loader=loader, sampler=sampler, backbone=model.target_encoder,
-        knn_data=knn_data, out_dir=out_dir, resume_from=resume_from)
+        step_fn=step_fn, data=data, backbone=model.target_encoder, out_dir=out_dir,
+        resume_from=resume_from)
     dist.cleanup()
 
 

@@ -120,11 +120,11 @@ def main(argv=None):
     resume_from = resume_path(args, out_dir)
 
     # ---- data: B images x 2 asymmetric views per process and step
-    loader, sampler, knn_data = pretrain_data(args, info, view_transform(args, info), d)
-    args.queue_size = cap_queue(args.queue_size, len(loader) * images, "--queue-size")
+    data = pretrain_data(args, info, view_transform(args, info), d)
+    args.queue_size = cap_queue(args.queue_size, len(data.loader) * images, "--queue-size")
     # NN accuracy needs every pretraining image labelled: not STL-10's train+unlabeled split,
     # not a flat image folder (no kNN data either)
-    nn_accuracy = knn_data is not None and info.name != "stl10"
+    nn_accuracy = data.knn is not None and info.name != "stl10"
 
     # ---- model, optimizer
     model = NNCLR(args.backbone, args.stem, args.image_size, args.hidden_dim,
@@ -135,7 +135,7 @@ def main(argv=None):
     net = torch.compile(net) if args.compile else net
     optimizer = LARS(model.parameters(), args.learning_rate, args.weight_decay, args.lars_eta)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
-    total = args.max_epochs * len(loader)
+    total = args.max_epochs * len(data.loader)
     warmup = int(args.warmup_duration * total)
 
     dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
@@ -143,7 +143,7 @@ def main(argv=None):
     scaled = "learning_rate" not in args.explicit
     rule = f"base {args.base_learning_rate:g} x {images} / 256" if scaled else "as given"
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x 2 views | "
-                f"global {images} images per step | {len(loader)} steps/epoch | peak lr "
+                f"global {images} images per step | {len(data.loader)} steps/epoch | peak lr "
                 f"{args.learning_rate:g} ({rule}) | support set {args.queue_size} = "
                 f"{args.queue_size // images} steps of random vectors before it is full | "
                 f"{out_dir}")
@@ -151,15 +151,14 @@ def main(argv=None):
     # ---- train
     def step_fn(batch, step):
         (x1, x2), y = batch  # (B, C, H, W) x 2, (B,)
-        x1, x2 = (x.to(d.device, non_blocking=True).contiguous(memory_format=memory_format)
-                  for x in (x1, x2))
+        x1, x2 = (x.contiguous(memory_format=memory_format) for x in (x1, x2))
         lr = warmup_cosine(step, total, warmup, args.learning_rate)
-        return train_step(net, model, x1, x2, y.to(d.device), optimizer, scaler, lr, args,
+        return train_step(net, model, x1, x2, y, optimizer, scaler, lr, args,
                           nn_accuracy)
 
     fit(method="nnclr", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,
-        step_fn=step_fn, loader=loader, sampler=sampler, backbone=model.backbone,
-        knn_data=knn_data, out_dir=out_dir, resume_from=resume_from)
+        step_fn=step_fn, data=data, backbone=model.backbone, out_dir=out_dir,
+        resume_from=resume_from)
     dist.cleanup()
 
 

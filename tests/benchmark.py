@@ -25,7 +25,7 @@ from common.data import dataset_info, load_split
 
 def data_images_per_s(module, args, steps: int) -> float:
     """Images/s of dataset + views + collation alone (first batch not timed: worker start)."""
-    info = dataset_info(args.dataset, args.image_size)
+    info = dataset_info(args)
     ds = load_split(info, args.data_dir, "pretrain", module.view_transform(args, info), args.seed)
     loader = torch.utils.data.DataLoader(ds, args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.num_workers)

@@ -1,0 +1,114 @@
+"""Learning benchmark on real images (not a test): pretrain one method on 4,000 real CIFAR-10
+images for a given budget, then kNN top-1 on 1,000 held-out ones, next to the same network
+untrained and raw pixels.
+
+    python tests/real_images.py --method mmcr -- --max-epochs 20 --batch-size 64 --num-views 4
+
+The images are the 5,000 CIFAR-10 training images of ../shared/data/cifar10-5k (one folder per
+class; --data). The split is fixed: in the order (class, file name), every fifth image goes to
+the 1,000-image test split, the other 4,000 are the pretraining set and the kNN bank. The
+split is made of symbolic links in a temporary folder; nothing is copied. Pretraining is
+`python <method>/pretrain.py --dataset imagefolder --data-dir <split> ...` with the flags after
+`--` (the 32 px images select the cifar recipe); kNN uses backbone.pt, the eval transform of the
+run, cosine similarity, T 0.1, k 20 and 200. The untrained network is the same architecture
+freshly initialised with the run's seed; raw pixels are the normalised images, flattened.
+"""
+import argparse
+import importlib
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common.augment import eval_transform  # noqa: E402
+from common.data import dataset_info, eval_loader, load_split  # noqa: E402
+from common.knn import accuracy, extract_features, knn_classify  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "cifar10-5k"
+
+
+def make_split(source: Path, dest: Path, every: int = 1) -> tuple[int, int]:
+    """train/<class>/ and val/<class>/ of symbolic links: every fifth image (class, name order)
+    is a test image. `every` > 1 keeps only every so-many images first (still every class).
+    Returns (train, test) counts."""
+    files = sorted(p for p in source.glob("*/*.png"))[::every]
+    if len(files) < 10:
+        raise SystemExit(f"error: no CIFAR-10 images under {source} (expected <class>/*.png); "
+                         "pass --data")
+    for i, path in enumerate(files):
+        split = "val" if i % 5 == 4 else "train"
+        (dest / split / path.parent.name).mkdir(parents=True, exist_ok=True)
+        (dest / split / path.parent.name / path.name).symlink_to(path)
+    return len(files) - len(files) // 5, len(files) // 5
+
+
+def knn_top1(train_f, train_y, test_f, test_y, classes: int) -> dict:
+    """kNN top-1 (percent) at k 20 and 200, T 0.1, on L2-normalised features."""
+    return {k: accuracy(knn_classify(train_f, train_y, test_f, k, 0.1, classes), test_y, k)["top1"]
+            for k in (20, 200)}
+
+
+def pixels(loader):
+    feats, labels = zip(*[(x.flatten(1), y) for x, y in loader])
+    return F.normalize(torch.cat(feats), dim=1), torch.cat(labels)
+
+
+def evaluate(method: str, run: Path, split: Path) -> dict:
+    """kNN top-1 of the trained backbone, the untrained one and raw pixels."""
+    pre = json.loads((run / "args.json").read_text())
+    info = dataset_info(SimpleNamespace(**pre))
+    tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
+    bank, test = (eval_loader(load_split(info, split, s, tf), 256, 0) for s in ("train", "test"))
+    classes = len(bank.dataset.classes)
+    build = importlib.import_module(f"{method}.finetune").build_backbone
+    result = {"raw pixels": knn_top1(*pixels(bank), *pixels(test), classes)}
+    torch.manual_seed(pre["seed"])
+    untrained, _ = build(pre)
+    trained, _ = build(pre)
+    trained.load_state_dict(torch.load(run / "backbone.pt", weights_only=True))
+    for name, net in (("untrained", untrained), ("trained", trained)):
+        train_f, train_y = extract_features(net, bank, torch.device("cpu"))
+        test_f, test_y = extract_features(net, test, torch.device("cpu"))
+        result[name] = knn_top1(train_f, train_y, test_f, test_y, classes)
+    return result
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", required=True, choices=["mmcr", "msn", "densecl", "nnclr"])
+    p.add_argument("--data", type=Path, default=DATA, help="folder of CIFAR-10 class folders")
+    p.add_argument("--output-dir", type=Path, default=None, help="run directory (default: a "
+                   "temporary one, removed afterwards)")
+    p.add_argument("flags", nargs="*", help="pretrain.py flags, after --")
+    bench = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        split, run = Path(tmp) / "split", bench.output_dir or Path(tmp) / "run"
+        n_train, n_test = make_split(bench.data, split)
+        command = [sys.executable, f"{bench.method}/pretrain.py", "--dataset", "imagefolder",
+                   "--data-dir", str(split), "--eval-every", "0", "--output-dir", str(run),
+                   *bench.flags]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        if done.returncode:
+            raise SystemExit(f"error: pretraining exited with {done.returncode}")
+        result = evaluate(bench.method, run, split)
+    shown = shlex.join(["python", *command[1:]]).replace(str(split), "<split>")
+    print(f"{bench.method}: {n_train} train / {n_test} test images, pretraining {wall / 60:.1f} "
+          f"min wall\n  command: {shown}")
+    for name, acc in result.items():
+        print(f"  {name:11s} kNN top-1  k=20 {acc[20]:5.1f}   k=200 {acc[200]:5.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""--recipe: the defaults follow the data. Expected values are typed in from the official
+sources (cited per method), not read from the code under test."""
+import pytest
+import torchvision.transforms as T
+from PIL import Image
+
+from common.data import dataset_info
+from densecl import pretrain as densecl
+from helpers import read_metrics, use_tiny_cnn
+from mmcr import pretrain as mmcr
+from msn import pretrain as msn
+from nnclr import model as nnclr_model
+from nnclr import pretrain as nnclr
+
+CIFAR10 = ([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])
+IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+METHODS = [mmcr, nnclr, densecl, msn]
+
+
+def _folder(root, size):
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        Image.new("RGB", (size, size + 10)).save(root / split / "a" / "0.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return _folder(tmp_path_factory.mktemp("cifar_like"), 32)
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    return _folder(tmp_path_factory.mktemp("imagenet_like"), 375)
+
+
+def blur_probabilities(views):
+    """Per view, the probability of its Gaussian blur (0 when it has none)."""
+    found = []
+    for view in views:
+        ops = {type(t.transforms[0]).__name__: t.p for t in view.colour.transforms
+               if isinstance(t, T.RandomApply)}
+        found.append(ops.get("GaussianBlur", 0.0))
+    return found
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__name__.split(".")[0])
+def test_a_32px_folder_gets_the_cifar_views_normalisation_and_stem(method, small):
+    args = method.get_args(["--dataset", "imagefolder", "--data-dir", small])
+    assert args.recipe == "cifar" and args.image_size == 32
+    assert (args.mean, args.std) == CIFAR10
+    assert getattr(args, "stem", "cifar") == "cifar" and getattr(args, "patch_size", 4) == 4
+    views = method.view_transform(args, dataset_info(args)).views
+    assert views[0].size == 32 and set(blur_probabilities(views)) == {0.0}
+    assert dataset_info(args).test_resize is None  # 32 px images are used as they are
+
+
+@pytest.mark.parametrize("method, expected, blur", [
+    # mmcr pretrain_imagenet.py, mmcr/imagenet/train.py: ResNet-50 (zero-init residuals), 8
+    # views, LARS (Barlow Twins form, eta 0.001) lr 0.8 x batch / 256, wd 1e-6, 100 epochs,
+    # 10 warmup, cosine to 0.001 x peak, momentum 0.99, projector 8192-8192-512
+    (mmcr, dict(backbone="resnet50", num_views=8, optimizer="lars", base_learning_rate=0.8,
+                lars_eta=0.001, weight_decay=1e-6, max_epochs=100, warmup_duration=0.1,
+                final_lr_ratio=0.001, momentum_tau=0.99, hidden_dim=[8192, 8192],
+                projection_dim=512, zero_init_residual=True, batch_size=128), [1.0, 0.1] * 4),
+    # NNCLR paper: ResNet-50, lr 0.3 x batch / 256, wd 1e-6, 1000 epochs, 10 warmup,
+    # temperature 0.1, support set 98304; solo-learn's ImageNet-100 blur 1.0 / 0.1
+    (nnclr, dict(backbone="resnet50", base_learning_rate=0.3, weight_decay=1e-6,
+                 max_epochs=1000, warmup_duration=0.01, tau=0.1, queue_size=98304),
+     [1.0, 0.1]),
+    # densecl configs/selfsup/densecl/densecl_imagenet_200ep.py: ResNet-50, SGD 0.03 per 256
+    # images (0.015 per 128), wd 1e-4, EMA 0.999, queue 65536, 200 epochs, blur p 0.5
+    (densecl, dict(backbone="resnet50", learning_rate=0.015, weight_decay=1e-4, ema=0.999,
+                   queue_size=65536, max_epochs=200, warmup_duration=0.0, batch_size=32),
+     [0.5, 0.5]),
+    # msn configs/pretrain/msn_vits16.yaml: ViT-S/16, 96 px focal views, AdamW 1e-3, wd 0.04
+    # -> 0.4, EMA 0.996, 800 epochs, 15 warmup, 64 images per GPU, blur p 0.5
+    (msn, dict(arch="vit_small", patch_size=16, focal_size=96, learning_rate=1e-3,
+               weight_decay=0.04, final_weight_decay=0.4, ema=0.996, max_epochs=800,
+               warmup_duration=15 / 800, batch_size=64), [0.5] * 12),
+], ids=["mmcr", "nnclr", "densecl", "msn"])
+def test_an_imagenet_size_folder_gets_the_official_imagenet_values(method, expected, blur,
+                                                                    large):
+    args = method.get_args(["--dataset", "imagefolder", "--data-dir", large])
+    assert args.recipe == "imagenet" and args.image_size == 224
+    assert (args.mean, args.std) == IMAGENET
+    assert getattr(args, "stem", "imagenet") == "imagenet"
+    assert {k: getattr(args, k) for k in expected} == expected
+    assert blur_probabilities(method.view_transform(args, dataset_info(args)).views) == blur
+    assert dataset_info(args).test_resize == 256
+
+
+def test_explicit_flags_win(large):
+    args = mmcr.get_args(["--dataset", "imagefolder", "--data-dir", large, "--num-views", "4",
+                          "--learning-rate", "0.1", "--mean", "0.1", "0.2", "0.3"])
+    assert args.recipe == "imagenet" and args.optimizer == "lars"
+    assert (args.num_views, args.learning_rate, args.mean) == (4, 0.1, [0.1, 0.2, 0.3])
+    assert args.std == IMAGENET[1] and args.explicit == ["learning_rate", "num_views"]
+    args = mmcr.get_args(["--dataset", "imagefolder", "--data-dir", large, "--recipe", "cifar"])
+    assert (args.image_size, args.optimizer, args.stem, args.mean) == (32, "adam", "cifar",
+                                                                       CIFAR10[0])
+    args = mmcr.get_args(["--dataset", "imagefolder", "--data-dir", large, "--image-size", "64"])
+    assert args.recipe == "stl10" and args.image_size == 64
+    args = mmcr.get_args(["--dataset", "synthetic", "--base-learning-rate", "1.0"])
+    assert args.learning_rate is None and args.base_learning_rate == 1.0  # then x batch / 256
+
+
+def test_warmup_in_epochs_follows_the_run_length():
+    # solo-learn warms up for 10 epochs whatever the run length; MSN for 15
+    assert nnclr.get_args(["--dataset", "synthetic", "--max-epochs", "100"]).warmup_duration \
+        == pytest.approx(0.1)
+    assert msn.get_args(["--dataset", "synthetic", "--max-epochs", "30"]).warmup_duration \
+        == pytest.approx(0.5)
+    assert nnclr.get_args(["--dataset", "synthetic", "--max-epochs", "100",
+                           "--warmup-duration", "0.3"]).warmup_duration == 0.3
+
+
+def test_support_set_larger_than_the_data_is_shrunk(tmp_path, monkeypatch, capsys):
+    use_tiny_cnn(monkeypatch, nnclr_model)
+    nnclr.main(["--dataset", "synthetic", "--image-size", "16", "--dev", "40", "--batch-size",
+                "8", "--num-workers", "0", "--max-epochs", "1", "--hidden-dim", "32",
+                "--projection-dim", "16", "--pred-hidden-dim", "32", "--eval-every", "0",
+                "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "recipe cifar (synthetic, 16 px" in out
+    assert "notice: --queue-size 65536 is more than one epoch of the training set (40 " \
+           "images): using 40" in out
+    assert read_metrics(tmp_path)[-1]["step"] == 5
+    assert '"queue_size": 40' in (tmp_path / "args.json").read_text()

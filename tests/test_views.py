@@ -1,0 +1,160 @@
+"""--augment device (common/device_views.py) against the PIL views (common/augment.py) and
+torchvision: the drawn parameters follow the same distributions (two-sample Kolmogorov-Smirnov
+distances over many draws), and each deterministic op matches torchvision's functional result."""
+import math
+
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from common import device_views as dv
+from common.augment import MultiView, View
+
+MEAN, STD = (0.0,) * 3, (1.0,) * 3
+
+
+def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest gap between the empirical CDFs of two samples."""
+    grid = torch.cat([a, b]).unique()
+    cdf = [torch.searchsorted(x.sort().values, grid, right=True) / len(x) for x in (a, b)]
+    return float((cdf[0] - cdf[1]).abs().max())
+
+
+def ks_limit(n: int, m: int) -> float:
+    """Critical KS distance at alpha = 0.001 for samples of n and m."""
+    return 1.95 * math.sqrt((n + m) / (n * m))
+
+
+@pytest.mark.parametrize("height, width, scale", [(32, 32, (0.08, 1.0)), (24, 40, (0.2, 1.0)),
+                                                  (96, 20, (0.3, 1.0))])
+def test_crop_parameters_follow_torchvision(height, width, scale):
+    torch.manual_seed(0)
+    n = 6000
+    ours = torch.stack(dv.crop_params(torch.tensor([[height, width]] * n), scale), 1)
+    img = torch.zeros(3, height, width)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3))
+                        for _ in range(n)], dtype=torch.float32)  # (top, left, h, w)
+    for k, name in enumerate(["top", "left", "height", "width"]):
+        assert ks_distance(ours[:, k], ref[:, k]) < ks_limit(n, n), name
+    area = lambda c: c[:, 2] * c[:, 3] / (height * width)  # noqa: E731
+    assert ks_distance(area(ours), area(ref)) < ks_limit(n, n)
+    assert ((ours[:, 0] + ours[:, 2] <= height) & (ours[:, 1] + ours[:, 3] <= width)).all()
+
+
+def _views(view, images, with_boxes=False):
+    sizes = torch.tensor([images.shape[-2:]] * images.shape[0])
+    return dv.BatchViews([view], with_boxes)((images * 255).round().to(torch.uint8), sizes)
+
+
+def test_flip_and_grayscale_rates_and_jitter_probability():
+    torch.manual_seed(0)
+    n = 4000
+    img = torch.rand(1, 3, 8, 8).expand(n, 3, 8, 8)
+    view = View(8, MEAN, STD, scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.2)
+    (out,), boxes = _views(view, img, with_boxes=True)
+    flips, grays = boxes[:, 0, 4], (out[:, 0] == out[:, 1]).all((1, 2)).float()
+    for rate, p in ((flips.mean(), 0.5), (grays.mean(), 0.2)):  # 4 standard errors
+        assert abs(float(rate) - p) < 4 * math.sqrt(p * (1 - p) / n)
+    bright = View(8, MEAN, STD, scale=(1.0, 1.0), jitter=(0.4, 0, 0, 0), gray_p=0.0)
+    (out,) = _views(bright, torch.full((n, 3, 8, 8), 0.5))
+    factor = out.mean((1, 2, 3)) / (128 / 255)  # brightness factor, 1 where not applied
+    applied = (factor - 1).abs() > 1e-3
+    assert abs(float(applied.float().mean()) - 0.8) < 4 * math.sqrt(0.16 / n)
+    uniform = torch.rand(int(applied.sum())) * 0.8 + 0.6  # ColorJitter: U(0.6, 1.4)
+    assert ks_distance(factor[applied], uniform) < ks_limit(len(uniform), len(uniform))
+
+
+def test_jitter_runs_each_op_once_in_a_random_order(monkeypatch):
+    torch.manual_seed(0)
+    seen = []
+    real = dv.jitter_op
+
+    def record(x, op, f, valid=None):
+        seen.append((op, x[:, 0, 0, 0].clone()))  # image ids travel in pixel (0, 0, 0)
+        return real(x, op, f, valid)
+
+    monkeypatch.setattr(dv, "jitter_op", record)
+    n = 2400
+    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 2, 2).clone()
+    dv.colour_jitter(x / n, (0.0, 0.0, 0.0, 0.0), p=1.0)  # identity factors keep the ids
+    orders = [[] for _ in range(n)]
+    for op, ids in seen:
+        for i in (ids * n).round().long().tolist():
+            orders[i].append(op)
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    counts = torch.bincount(torch.tensor([o[0] * 64 + o[1] * 16 + o[2] * 4 + o[3]
+                                          for o in orders]), minlength=256)
+    assert (counts > 0).sum() == 24 and counts.max() < 2 * n / 24  # all 24 orders, about even
+
+
+def test_colour_ops_match_torchvision():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 16, 16)
+    f = torch.tensor([0.6, 1.0, 1.3, 1.4])[:, None, None, None]
+    for op, fn in ((0, TF.adjust_brightness), (1, TF.adjust_contrast),
+                   (2, TF.adjust_saturation)):
+        expected = torch.stack([fn(x[i], float(f[i])) for i in range(4)])
+        torch.testing.assert_close(dv.jitter_op(x.clone(), op, f), expected, atol=1e-6, rtol=0)
+    h = torch.tensor([-0.1, -0.03, 0.02, 0.1])[:, None, None, None]
+    expected = torch.stack([TF.adjust_hue(x[i], float(h[i])) for i in range(4)])
+    torch.testing.assert_close(dv.jitter_op(x.clone(), 3, h), expected, atol=1e-5, rtol=0)
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
+    expected = torch.stack([TF.gaussian_blur(x[i], [5, 5], [float(sigma[i])] * 2)
+                            for i in range(4)])
+    torch.testing.assert_close(dv.gaussian_blur(x, sigma, 5), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("box, size, mode, tolerance", [
+    ((3, 5, 20, 14), 32, "bilinear", 1e-6),  # a small crop, enlarged: the same sampling
+    ((3, 5, 20, 14), 32, "bicubic", 2e-3),  # bicubic reads past the crop edge (clamped here)
+    ((0, 0, 64, 64), 32, "bilinear", 5e-3),  # halved: box prefilter vs the antialias filter
+])
+def test_crop_flip_grayscale_match_torchvision(box, size, mode, tolerance):
+    # mean absolute difference on [0, 1] pixels; 1 / 255 = 0.004 is one uint8 step
+    torch.manual_seed(0)
+    img = TF.gaussian_blur(torch.rand(3, 64, 64), [7, 7], [2.0, 2.0])  # smooth content
+    top, left, h, w = (torch.tensor([float(v)]) for v in box)
+    ours = dv.resized_crop(img[None], top, left, h, w, torch.tensor([True]), size, mode)[0]
+    ours = dv.gray(ours[None])[0].expand(3, -1, -1)
+    interpolation = T.InterpolationMode(mode)
+    ref = TF.resized_crop(img, *box, [size, size], interpolation, antialias=True)
+    ref = TF.rgb_to_grayscale(TF.hflip(ref), num_output_channels=3)
+    assert float((ours - ref).abs().mean()) < tolerance
+
+
+def test_solarisation_matches_pil():
+    img = Image.fromarray((torch.arange(256).reshape(16, 16).byte()[..., None]
+                           .expand(16, 16, 3)).numpy())
+    ref = TF.pil_to_tensor(TF.solarize(img, 128)).float() / 255
+    view = View(16, MEAN, STD, scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.0, solarize_p=1.0)
+    x = TF.pil_to_tensor(img).float()[None] / 255
+    torch.testing.assert_close(dv.colour(x, view)[0], ref)
+
+
+def test_boxes_locate_the_crop_and_views_follow_the_pil_pipeline():
+    # a horizontal ramp: the left and right edge values of a view are the ramp at the box edges
+    torch.manual_seed(1)
+    ramp = torch.linspace(0, 1, 64).expand(8, 3, 64, 64)
+    view = View(32, MEAN, STD, jitter_p=0.0, gray_p=0.0)
+    (out,), boxes = _views(view, ramp, with_boxes=True)
+    top, left, h, w, flipped = boxes[:, 0].T
+    seen = torch.where(flipped.bool()[:, None], out[:, 0, 16, [-1, 0]], out[:, 0, 16, [0, -1]])
+    torch.testing.assert_close(seen, torch.stack([left, left + w], 1), atol=0.05, rtol=0)
+    pil = MultiView([view] * 2)(Image.fromarray((ramp[0].permute(1, 2, 0) * 255).byte().numpy()))
+    assert [v.shape for v in pil] == [out.shape[1:]] * 2 and out.dtype == pil[0].dtype
+
+
+def test_padded_images_of_different_sizes():
+    images = [(torch.rand(3, 20, 30) * 255).byte(), (torch.rand(3, 40, 10) * 255).byte()]
+    batch, sizes, labels = dv.collate_images([(images[0], 0), (images[1], 1)])
+    assert batch.shape == (2, 3, 40, 30) and sizes.tolist() == [[20, 30], [40, 10]]
+    assert torch.equal(batch[1, :, :40, :10], images[1]) and batch[1, :, :, 10:].sum() == 0
+    torch.manual_seed(0)
+    view = View(8, MEAN, STD, scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.0)
+    (out,), boxes = dv.BatchViews([view], with_boxes=True)(batch, sizes)
+    # a 40 x 10 image has no full-area crop of ratio 3/4..4/3: the fallback stays inside it
+    assert (boxes[:, 0, 0] + boxes[:, 0, 2] <= 1 + 1e-6).all()
+    assert (boxes[:, 0, 1] + boxes[:, 0, 3] <= 1 + 1e-6).all()
+    assert out[1].abs().sum() > 0 and out.shape == (2, 3, 8, 8)
