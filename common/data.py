@@ -3,6 +3,7 @@
 Splits: "pretrain" (STL-10: train+unlabeled; a flat image folder is accepted, unlabeled),
 "train" (labelled, the kNN bank and finetune set) and "test".
 """
+import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -187,26 +188,60 @@ def num_classes(ds) -> int:
     return len(getattr(base, "classes", [])) or 0
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: set_epoch(epoch, skip=n) leaves out
+    this rank's first n indices (the batches a mid-epoch checkpoint had already trained)."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Rank r of W takes items r, r + W, r + 2W, ... in order: evaluation splits sharded
+    without the padding (repeated items) of DistributedSampler."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = range(rank, n, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
 def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn=None):
     """Shuffled, drop_last loader over this process's shard; call sampler.set_epoch each epoch.
-    The shuffle order is a pure function of (seed, epoch), also for a single process. Workers
-    persist across epochs only when they draw no random numbers (a `collate_fn` is given: the
-    decode-only loader), so a resumed run draws the same views as an uninterrupted one."""
+    The shuffle order is a pure function of (seed, epoch), also for a single process; the
+    loader's own generator (seed + rank, checkpointed) seeds the workers, so making batches
+    draws nothing from the global RNG. Workers persist across epochs only when they draw no
+    random numbers (a `collate_fn` is given: the decode-only loader)."""
     if len(ds) < batch_size * d.world_size:
         raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch "
                         f"({batch_size} x {d.world_size} processes): lower --batch-size")
-    sampler = DistributedSampler(ds, d.world_size, d.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = ResumableSampler(ds, d.world_size, d.rank, shuffle=True, seed=seed,
+                               drop_last=True)
     loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=d.device.type == "cuda", drop_last=True,
-                        collate_fn=collate_fn,
-                        persistent_workers=num_workers > 0 and collate_fn is not None)
+                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(
+                            seed + d.rank), persistent_workers=num_workers > 0 and
+                        collate_fn is not None)
     return loader, sampler
 
 
-def eval_loader(ds, batch_size: int, num_workers: int, pin: bool = False):
-    """Unsharded, ordered loader (kNN bank, test split)."""
-    return DataLoader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin)
+def eval_loader(ds, batch_size: int, num_workers: int, d):
+    """Ordered loader over this rank's shard (kNN bank, test split)."""
+    return DataLoader(ds, batch_size, sampler=ShardSampler(len(ds), d.rank, d.world_size),
+                      num_workers=num_workers, pin_memory=d.device.type == "cuda")
 
 
 def to_device(batch, device):
@@ -255,6 +290,5 @@ def knn_data(args, info: DataInfo, d):
     if bank is None or test is None or not num_classes(bank):
         dist.print0("kNN monitor off: the data has no labelled train/ and val/ splits")
         return None
-    pin = d.device.type == "cuda"
-    return (eval_loader(bank, 512, args.num_workers, pin),
-            eval_loader(test, 512, args.num_workers, pin), num_classes(bank))
+    return (eval_loader(bank, 512, args.num_workers, d), eval_loader(test, 512, args.num_workers, d),
+            num_classes(bank))

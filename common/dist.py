@@ -5,6 +5,7 @@ with no process group, and every collective below is then the identity.
 """
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,8 +20,10 @@ class Dist:
     is_main: bool
 
 
-def setup(device: str = "auto") -> Dist:
-    """Read torchrun's environment, pick the device and start the process group (NCCL/gloo)."""
+def setup(device: str = "auto", timeout_minutes: float = 10) -> Dist:
+    """Read torchrun's environment, pick the device and start the process group (NCCL/gloo).
+    A collective that waits longer than `timeout_minutes` for a rank raises instead of hanging;
+    a rank that dies makes its peers' next collective fail at once (gloo) or at the timeout."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
@@ -31,7 +34,8 @@ def setup(device: str = "auto") -> Dist:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            timeout=timedelta(minutes=timeout_minutes))
     return Dist(rank, local_rank, dist.get_world_size(), dev, rank == 0)
 
 
@@ -69,6 +73,32 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 when ranks hold different numbers of rows (e.g. the shards of an
+    evaluation split): padded to the largest, gathered, concatenated in rank order."""
+    if world_size() == 1:
+        return x
+    counts = gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    padded = x.new_zeros((max(counts), *x.shape[1:]))
+    padded[:x.shape[0]] = x
+    return torch.cat([rows[:n] for rows, n in zip(gather(padded).split(max(counts)), counts)])
+
+
+_cpu_group = None
+
+
+def cpu_group():
+    """A gloo group of all ranks for small agreements on the CPU (a stop flag) that need no
+    CUDA synchronisation; the default group when it is gloo already (None)."""
+    global _cpu_group
+    if dist.get_backend() == "gloo":
+        return None
+    if _cpu_group is None:
+        _cpu_group = dist.new_group(backend="gloo")
+    return _cpu_group
 
 
 @torch.no_grad()
@@ -136,7 +166,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 def prepare_model(model: torch.nn.Module, d: Dist, sync_bn: bool = True) -> torch.nn.Module:
     """SyncBN + DDP when distributed. SyncBN only exists on CUDA: on CPU it is skipped.
-    Methods with their own BN scheme (DenseCL's shuffle-BN) pass sync_bn=False."""
+    Methods with their own BN scheme (DenseCL's shuffle-BN) pass sync_bn=False.
+    DDP does not re-broadcast buffers before each forward: queues and support sets are equal
+    on every rank by construction (gathered keys), and BN running statistics are not used in
+    training (batch statistics are); rank 0's, the ones saved and evaluated, are its own
+    either way. This saves re-sending e.g. NNCLR's 64 MB support set every step."""
     if d.world_size == 1:
         return model
     if sync_bn and d.device.type == "cuda":
@@ -145,4 +179,5 @@ def prepare_model(model: torch.nn.Module, d: Dist, sync_bn: bool = True) -> torc
     elif sync_bn:
         print0("BatchNorm: per-process (SyncBatchNorm needs CUDA; skipped on CPU)")
     ids = [d.local_rank] if d.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                                     broadcast_buffers=False)

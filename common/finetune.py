@@ -12,12 +12,14 @@ from tqdm import tqdm
 
 from common import dist
 from common.augment import eval_transform, supervised_transform
+from common.checkpoint import load_checkpoint, save_checkpoint
 from common.data import dataset_info, eval_loader, load_split, num_classes, train_loader
+from common.dist import gather_rows
 from common.knn import accuracy
 from common.loop import RunLog, summary
 from common.train import (DATASETS, Parser, UserError, at_least, autocast, backward_step,
-                          cpu_cores, load_checkpoint, positive_float, save_checkpoint,
-                          seed_everything, warmup_cosine)
+                          configure_runtime, cpu_cores, positive_float, seed_everything,
+                          warmup_cosine)
 
 
 def finetune_args(description: str) -> Parser:
@@ -52,9 +54,14 @@ def finetune_args(description: str) -> Parser:
       "only; unset: the pretraining run's --dev")
     a("--output-dir", default=None, help="unset: <checkpoint dir>/finetune-<type>")
     a("--seed", type=int, default=42, help="random seed (seed + rank per process)")
-    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast dtype "
-      "(fp16 with a gradient scaler)")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast "
+      "dtype (fp16 with a gradient scaler); auto: bf16 on a CUDA GPU that supports it, else "
+      "fp32")
+    a("--threads", type=at_least(1), default=None, help="torch intra-op threads per process; "
+      "unset: this process's share of the cores less the DataLoader workers'")
     a("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if present")
+    a("--dist-timeout", type=positive_float, default=10, help="minutes a collective waits for "
+      "a missing rank before the run fails (torchrun)")
     return p
 
 
@@ -95,13 +102,14 @@ def _data(args, pre_args):
 
 @torch.no_grad()
 def evaluate(net, loader, device, precision) -> dict:
+    """Top-1/top-5 on the test split, each rank on its shard, the logits gathered."""
     net.eval()
     logits, labels = [], []
     for x, y in loader:
         with autocast(precision, device):
             logits.append(net(x.to(device)).float())
         labels.append(y.to(device))
-    return accuracy(torch.cat(logits), torch.cat(labels))
+    return accuracy(gather_rows(torch.cat(logits)), gather_rows(torch.cat(labels)))
 
 
 def make_optimizer(params, args):
@@ -131,12 +139,13 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=
     """Train a classifier on `backbone` features (and the backbone for backbone+linear); logs
     top-1/top-5 on the test split every epoch, writes metrics.jsonl and last.pt. `head` maps
     the class count to the classifier (default: one Linear layer)."""
-    d = dist.setup(args.device)
+    d = dist.setup(args.device, args.dist_timeout)
+    configure_runtime(args, d.device)
     seed_everything(args.seed, d.rank)
     out = output_dir(args)
     train, test = _data(args, pre_args)
     loader, sampler = train_loader(train, args.batch_size, args.num_workers, d, args.seed)
-    test_loader = eval_loader(test, args.batch_size, args.num_workers)
+    test_loader = eval_loader(test, args.batch_size, args.num_workers, d)
     linear = args.finetune_type == "linear"
     backbone.requires_grad_(not linear)
     classes = num_classes(train)
@@ -167,15 +176,14 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=
                 loss = F.cross_entropy(ddp_net(x.to(d.device)).float(), y.to(d.device))
             backward_step(loss, optimizer, scaler)
             step += 1
+        record = {"epoch": epoch + 1, "loss": loss.item(),
+                  **evaluate(net, test_loader, d.device, args.precision)}
         if d.is_main:
-            record = {"epoch": epoch + 1, "loss": loss.item(),
-                      **evaluate(net, test_loader, d.device, args.precision)}
             log.epoch(record)
             log.scalars(step, {k: v for k, v in record.items() if k != "epoch"}, "finetune")
             save_checkpoint({"model": net.state_dict(), "args": vars(args),
                              "epoch": epoch + 1}, out / "last.pt")
             dist.print0(f"epoch {epoch + 1}: {summary(record)}")
-        dist.barrier()
     if linear:
         check_frozen(backbone, before, args.linear_bn == "frozen")
     log.close()

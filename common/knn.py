@@ -1,7 +1,9 @@
-"""Weighted kNN evaluation on L2-normalised backbone features (InstDisc/DINO protocol)."""
+"""Weighted kNN evaluation on L2-normalised backbone features (InstDisc/DINO protocol), with the
+bank and the test split sharded over the ranks of a torchrun job."""
 import torch
 import torch.nn.functional as F
 
+from common.dist import gather, gather_rows, world_size
 from common.train import autocast
 
 
@@ -21,20 +23,30 @@ def extract_features(encoder, loader, device, precision="fp32"):
 
 
 @torch.no_grad()
+def nearest(test_f, train_f, train_y, k: int, chunk: int = 256):
+    """The k most similar training features of each test feature: similarities and labels,
+    (M, k) each. Test rows go in chunks of `chunk`, so memory stays at chunk x N similarities
+    (50k x 10k runs in bounded memory)."""
+    k = min(k, train_f.shape[0])
+    sims, labels = [], []
+    for start in range(0, test_f.shape[0], chunk):
+        top_sim, top_idx = (test_f[start:start + chunk] @ train_f.T).topk(k, dim=1)  # (m, k)
+        sims.append(top_sim)
+        labels.append(train_y[top_idx])
+    return torch.cat(sims), torch.cat(labels)
+
+
+def vote(sims, labels, temperature: float, num_classes: int):
+    """Class scores (M, num_classes): the sum of exp(cos / T) over the neighbours, per class."""
+    votes = torch.zeros(sims.shape[0], num_classes, device=sims.device)
+    return votes.scatter_add_(1, labels, (sims / temperature).exp())
+
+
+@torch.no_grad()
 def knn_classify(train_f, train_y, test_f, k: int, temperature: float, num_classes: int,
                  chunk: int = 256):
-    """Class scores (M, num_classes) of each test feature: the sum of exp(cos / T) over its k
-    most similar training features, per class. The test set is processed in chunks of `chunk`
-    rows, so memory stays at chunk x N similarities (50k x 10k runs in bounded memory)."""
-    k = min(k, train_f.shape[0])
-    scores = []
-    for start in range(0, test_f.shape[0], chunk):
-        sim = test_f[start:start + chunk] @ train_f.T  # (m, N) cosine similarities
-        top_sim, top_idx = sim.topk(k, dim=1)  # (m, k)
-        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        votes.scatter_add_(1, train_y[top_idx], (top_sim / temperature).exp())
-        scores.append(votes)
-    return torch.cat(scores)
+    """Class scores (M, num_classes) of each test feature over its k nearest training ones."""
+    return vote(*nearest(test_f, train_f, train_y, k, chunk), temperature, num_classes)
 
 
 def accuracy(scores, labels, k: int = 200):
@@ -47,10 +59,30 @@ def accuracy(scores, labels, k: int = 200):
     return result
 
 
+@torch.no_grad()
+def merge_shards(sims, labels, k: int):
+    """Each rank's (M, k') candidates -> the k best of all ranks' (M, k), on every rank. Ranks
+    with fewer than k bank rows pad with -inf."""
+    pad = k - sims.shape[1]
+    sims = F.pad(sims, (0, pad), value=-float("inf"))
+    labels = F.pad(labels, (0, pad))
+    n = sims.shape[0]
+    sims = gather(sims).unflatten(0, (-1, n)).permute(1, 0, 2).flatten(1)  # (M, W*k)
+    labels = gather(labels).unflatten(0, (-1, n)).permute(1, 0, 2).flatten(1)
+    top, idx = sims.topk(k, dim=1)
+    return top, labels.gather(1, idx)
+
+
 def knn_eval(encoder, bank_loader, test_loader, k, temperature, num_classes, device,
              precision="fp32"):
-    """kNN top-1/top-5 (percent) of `encoder`: bank = train split with the eval transform."""
+    """kNN top-1/top-5 (percent) of `encoder`: bank = train split with the eval transform.
+    Under torchrun each rank extracts its shard of both splits; the test features are gathered,
+    each rank finds the k nearest of its bank shard for every test image, and the candidates of
+    all ranks are merged, so every rank gets the one-process result without holding the bank."""
     train_f, train_y = extract_features(encoder, bank_loader, device, precision)
-    test_f, test_y = extract_features(encoder, test_loader, device, precision)
-    scores = knn_classify(train_f, train_y, test_f, k, temperature, num_classes)
-    return accuracy(scores, test_y, k)
+    test_f, test_y = (gather_rows(t) for t in extract_features(encoder, test_loader, device,
+                                                               precision))
+    sims, labels = nearest(test_f, train_f, train_y, k)
+    if world_size() > 1:
+        sims, labels = merge_shards(sims, labels, k)
+    return accuracy(vote(sims, labels, temperature, num_classes), test_y, k)

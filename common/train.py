@@ -26,6 +26,13 @@ class NonFiniteLoss(Exception):
     """The loss went NaN/inf: the run stops with exit code 1; the last checkpoint is untouched."""
 
 
+PREEMPTED = 75  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing last.pt
+
+
+class Preempted(Exception):
+    """A signal stopped the run at a step boundary, after its checkpoint: exit code 75."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with defaults in --help and one-line errors (exit code 2)."""
 
@@ -37,7 +44,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_main(main, argv=None) -> None:
-    """Run a script's main(argv), turning UserError/NonFiniteLoss into one line and an exit code."""
+    """Run a script's main(argv), turning UserError/NonFiniteLoss/Preempted into one line and an
+    exit code (2, 1, 75)."""
     try:
         main(argv)
     except UserError as e:
@@ -46,6 +54,9 @@ def run_main(main, argv=None) -> None:
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED)
 
 
 def at_least(minimum: int, kind=int):
@@ -116,14 +127,23 @@ def add_common_args(parser, *, knn_temperature=0.5, learning_rate_help="peak lea
       "(or of the newest run of this method)")
     a("--save-every", type=at_least(0), default=0, help="also keep epochNNNN.pt every N epochs "
       "(0: off)")
+    a("--checkpoint-every", type=at_least(0, float), default=30, help="also write last.pt every "
+      "N minutes of training, part-way through an epoch (0: at epoch ends only)")
+    a("--dist-timeout", type=positive_float, default=10, help="minutes a collective waits for "
+      "a missing rank before the run fails (torchrun)")
     a("--log-every", type=at_least(1), default=50, help="steps between TensorBoard/progress "
       "updates")
     a("--seed", type=int, default=42, help="random seed (each process uses seed + rank)")
-    a("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-      help="autocast dtype for the networks; losses always run in float32. bf16 on recent GPUs")
+    a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+      help="autocast dtype for the networks (losses always run in float32); auto: bf16 on a "
+      "CUDA GPU that supports it, else fp32 (on a CPU with AVX512-BF16 or AMX, bf16 runs "
+      "about 2.5x faster: pass it explicitly)")
     a("--compile", action="store_true", help="torch.compile the training forward")
-    a("--channels-last", action="store_true", help="channels-last memory format (faster convs "
-      "with bf16/fp16 on GPU)")
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="channels-"
+      "last memory format; unset: on with bf16/fp16 on CUDA (faster convolutions)")
+    a("--threads", type=at_least(1), default=None, help="torch intra-op threads per process; "
+      "unset: this process's share of the cores less the DataLoader workers' (printed at "
+      "start)")
     a("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if present")
 
 
@@ -136,6 +156,31 @@ def cap_queue(size: int, epoch_images: int, flag: str) -> int:
     print0(f"notice: {flag} {size} is more than one epoch of the training set "
            f"({epoch_images} images): using {epoch_images}")
     return epoch_images
+
+
+def thread_budget(workers: int, augment: str) -> int:
+    """Intra-op threads that leave the DataLoader workers their cores: each process gets its
+    share of the cores (torchrun's LOCAL_WORLD_SIZE processes per machine), less one core per
+    worker making PIL views, or per two decode-only workers (--augment device)."""
+    share = cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    busy = workers if augment == "pil" else (workers + 1) // 2
+    return max(1, share - busy)
+
+
+def configure_runtime(args, device: torch.device) -> None:
+    """Resolve --precision auto and --channels-last for the device, set the thread budget and
+    cuDNN autotuning, and print them."""
+    cuda = device.type == "cuda"
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if getattr(args, "channels_last", False) is None:
+        args.channels_last = cuda and args.precision != "fp32"
+    threads = args.threads or thread_budget(args.num_workers, getattr(args, "augment", "pil"))
+    torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = cuda
+    print0(f"runtime: {device}, precision {args.precision}, channels-last "
+           f"{bool(getattr(args, 'channels_last', False))}, {threads} torch threads and "
+           f"{args.num_workers} DataLoader workers per process ({cpu_cores()} cores)")
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -177,72 +222,3 @@ def backward_step(loss, optimizer, scaler=None, clip_params=None, max_norm=math.
         scaler.step(optimizer)
         scaler.update()
     return norm
-
-
-def rng_state() -> dict:
-    """This process's RNG state (python, torch CPU, CUDA) in weights_only-loadable types."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def all_rng_states() -> list:
-    """RNG states of every rank (rank order), so a resumed run continues each rank exactly."""
-    if not dist.is_initialized():
-        return [rng_state()]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write then rename, so a kill during the write never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, method: str) -> dict:
-    """Load a checkpoint written by `method`'s pretrain.py, with one-line errors otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unsafe pickle
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this repository "
-                        f"({type(e).__name__}); use another one, e.g. an epochNNNN.pt") from None
-    if not isinstance(ckpt, dict) or ckpt.get("method") != method:
-        found = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
-        raise UserError(f"checkpoint {path} comes from '{found}' pretraining, not '{method}'")
-    return ckpt
-
-
-def resolve_output_dir(args, method: str) -> Path:
-    """--output-dir, or for --resume auto the newest run of this method, else a new dir."""
-    if args.output_dir:
-        return Path(args.output_dir)
-    runs = sorted(Path("runs", method).glob("*/last.pt"), key=os.path.getmtime)
-    if args.resume == "auto" and runs:
-        return runs[-1].parent
-    return Path("runs", method, f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-
-
-def resume_path(args, out_dir: Path):
-    """The checkpoint to resume from (None: fresh start). Refuses to overwrite a run silently."""
-    if args.resume == "auto":
-        return out_dir / "last.pt" if (out_dir / "last.pt").is_file() else None
-    if args.resume:
-        return Path(args.resume)
-    if (out_dir / "last.pt").is_file():
-        raise UserError(f"{out_dir} already holds a run: pass --resume auto to continue it "
-                        "or choose another --output-dir")
-    return None

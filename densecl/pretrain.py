@@ -16,12 +16,13 @@ import torch
 from common import dist
 from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
+from common.checkpoint import resolve_output_dir, resume_path
 from common.data import dataset_info, pretrain_data
 from common.loop import fit
 from common.recipe import apply_recipe, describe_recipe, use_recipes
-from common.train import (Parser, UserError, add_common_args, at_least, autocast,
-                          backward_step, cap_queue, positive_float, resolve_output_dir,
-                          resume_path, run_main, seed_everything, warmup_cosine)
+from common.train import (Parser, UserError, add_common_args, at_least, autocast, backward_step,
+                          cap_queue, configure_runtime, positive_float, run_main, seed_everything,
+                          warmup_cosine)
 from densecl.model import DenseCL, densecl_loss, match_accuracy, match_locations
 
 LR_BATCH = 128  # --learning-rate is per 128 images (lightly MoCo CIFAR-10 benchmark)
@@ -123,7 +124,8 @@ def train_step(net, model, x_q, x_k, boxes, optimizer, scaler, lr, args) -> dict
 
 def main(argv=None):
     args = get_args(argv)
-    d = dist.setup(args.device)
+    d = dist.setup(args.device, args.dist_timeout)
+    configure_runtime(args, d.device)
     seed_everything(args.seed, d.rank)
     info = dataset_info(args)
     args.bn_splits = args.bn_splits or default_bn_splits(args.batch_size, d.world_size)

@@ -16,13 +16,14 @@ import torch
 from common import dist
 from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
+from common.checkpoint import resolve_output_dir, resume_path
 from common.data import dataset_info, pretrain_data
 from common.lars import LARS
 from common.loop import fit
 from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
 from common.train import (Parser, add_common_args, at_least, autocast, backward_step,
-                          positive_float, resolve_output_dir, resume_path, run_main,
-                          seed_everything, warmup_cosine)
+                          configure_runtime, positive_float, run_main, seed_everything,
+                          warmup_cosine)
 from mmcr.model import MMCR, mmcr_loss
 
 # the MMCR playground (bartoszzuk/mmcr): 64 images x 16 views, Adam 1e-3, 10% warmup then
@@ -127,7 +128,8 @@ def make_optimizer(model, args):
 
 def main(argv=None):
     args = get_args(argv)
-    d = dist.setup(args.device)
+    d = dist.setup(args.device, args.dist_timeout)
+    configure_runtime(args, d.device)
     seed_everything(args.seed, d.rank)
     info = dataset_info(args)
     images = args.batch_size * d.world_size

@@ -17,12 +17,12 @@ import torch
 
 from common import dist
 from common.augment import MultiView, View
+from common.checkpoint import resolve_output_dir, resume_path
 from common.data import dataset_info, pretrain_data
 from common.loop import fit
 from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
 from common.train import (Parser, add_common_args, at_least, autocast, backward_step,
-                          positive_float, resolve_output_dir, resume_path, run_main,
-                          seed_everything)
+                          configure_runtime, positive_float, run_main, seed_everything)
 from msn.model import ARCHS, MSN, msn_loss, vit_config
 
 # MSN runs stretch the LR, WD and EMA schedules over 1.25 x the run (msn src/msn_train.py)
@@ -166,7 +166,8 @@ def train_step(net, model, views, optimizer, scaler, schedule, args) -> dict:
 
 def main(argv=None):
     args = get_args(argv)
-    d = dist.setup(args.device)
+    d = dist.setup(args.device, args.dist_timeout)
+    configure_runtime(args, d.device)
     seed_everything(args.seed, d.rank)
     info = dataset_info(args)
     args.depth = args.depth or ARCHS[args.arch][1]

@@ -15,13 +15,14 @@ import torch
 from common import dist
 from common.augment import MultiView, View
 from common.backbone import add_resnet_args, resolve_stem
+from common.checkpoint import resolve_output_dir, resume_path
 from common.data import dataset_info, pretrain_data
 from common.lars import LARS
 from common.loop import fit
 from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
-from common.train import (Parser, UserError, add_common_args, at_least, autocast,
-                          backward_step, cap_queue, positive_float, resolve_output_dir,
-                          resume_path, run_main, seed_everything, warmup_cosine)
+from common.train import (Parser, UserError, add_common_args, at_least, autocast, backward_step,
+                          cap_queue, configure_runtime, positive_float, run_main, seed_everything,
+                          warmup_cosine)
 from nnclr.model import NNCLR, nnclr_loss
 
 # solo-learn's CIFAR recipe (scripts/pretrain/cifar/nnclr.yaml, solo/methods/base.py): batch
@@ -106,7 +107,8 @@ def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) 
 
 def main(argv=None):
     args = get_args(argv)
-    d = dist.setup(args.device)
+    d = dist.setup(args.device, args.dist_timeout)
+    configure_runtime(args, d.device)
     seed_everything(args.seed, d.rank)
     info = dataset_info(args)
     images = args.batch_size * d.world_size

@@ -1,16 +1,22 @@
-"""Throughput benchmark (not a test): images/s of the data pipeline and of the training step,
-measured separately, and peak memory, for one method at its default settings.
+"""Speed benchmark (not a test), every figure from one run on this machine:
 
-    python tests/benchmark.py --method mmcr                       # default device, defaults
-    python tests/benchmark.py --method nnclr --device cpu --steps 5 -- --batch-size 32
+1. views/s of the view pipeline, --augment device against --augment pil with the same
+   DataLoader workers: each method's default views of 32 px synthetic images, loader and view
+   making timed together (the device views on --device);
+2. training-step images/s, ours against a peer's step on the same work: the same backbone,
+   batch, views, precision and threads, inputs already in memory. The peer is the step of
+   lightly's examples (examples/pytorch/<method>.py) built from lightly's heads, losses and
+   memory banks; it runs when lightly is installed (pip install lightly; only for this
+   benchmark, never a dependency of the scripts). Ours is the method's own train_step, timed
+   inside a real one-epoch pretrain.py run.
+The first --warmup steps of each are not timed.
 
-Flags after `--` go to the method's pretrain.py (dataset: synthetic unless given). The step
-figure excludes data-loading waits; the data figure runs the loader alone with
---num-workers workers. Peak memory: CUDA max allocated, or the process's peak RSS on CPU.
+    python tests/benchmark.py                                   # all four methods, CPU
+    python tests/benchmark.py --methods mmcr nnclr --device cuda --steps 20
 """
 import argparse
+import copy
 import importlib
-import json
 import sys
 import tempfile
 import time
@@ -18,54 +24,247 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 
-from common.data import dataset_info, load_split
+from common.backbone import feature_map, resnet  # noqa: E402
+from common.data import dataset_info, pretrain_data  # noqa: E402
+from common.dist import Dist  # noqa: E402
+
+# the work of each comparison (the settings the issue measured), as pretrain.py flags
+WORK = {"mmcr": ["--batch-size", "32", "--num-views", "4", "--momentum-tau", "0.99",
+                 "--lmbda", "5e-3"],
+        "nnclr": ["--batch-size", "64"],
+        "densecl": ["--batch-size", "64"],
+        "msn": ["--batch-size", "32"]}
 
 
-def data_images_per_s(module, args, steps: int) -> float:
-    """Images/s of dataset + views + collation alone (first batch not timed: worker start)."""
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def views_per_s(module, flags, augment: str, batches: int, device) -> float:
+    """Views per second of loader + view making, after one untimed batch (worker start)."""
+    args = module.get_args([*flags, "--augment", augment])
     info = dataset_info(args)
-    ds = load_split(info, args.data_dir, "pretrain", module.view_transform(args, info), args.seed)
-    loader = torch.utils.data.DataLoader(ds, args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.num_workers)
-    batches = iter(loader)
-    next(batches)
+    data = pretrain_data(args, info, module.view_transform(args, info),
+                         Dist(0, 0, 1, device, True))
+    batch_iter = iter(data.loader)
+    data.prepare(next(batch_iter))
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        views = data.prepare(next(batch_iter))[0]
+    sync(device)
+    count = len(views[0] if isinstance(views, tuple) else views)
+    return batches * args.batch_size * count / (time.perf_counter() - start)
+
+
+def ours_images_per_s(module, flags, steps: int, warmup: int, device) -> float:
+    """Images/s of the method's train_step inside a one-epoch pretrain.py run."""
+    real, times = module.train_step, []
+
+    def timed(*args, **kwargs):
+        sync(device)
+        start = time.perf_counter()
+        out = real(*args, **kwargs)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        return out
+
+    module.train_step = timed
+    batch = module.get_args(flags).batch_size
+    with tempfile.TemporaryDirectory() as out:
+        module.main([*flags, "--max-epochs", "1", "--eval-every", "0", "--log-every", "1000",
+                     "--dev", str((steps + warmup) * batch), "--output-dir", out])
+    module.train_step = real
+    return steps * batch / sum(times[warmup:])
+
+
+def peer_images_per_s(method, flags, steps: int, warmup: int, device) -> float | None:
+    """Images/s of lightly's example-style step on the same work, or None without lightly."""
+    try:
+        import lightly  # noqa: F401
+    except ImportError:
+        return None
+    args = importlib.import_module(f"{method}.pretrain").get_args(flags)
+    step, inputs = PEERS[method](args, device)
+    for _ in range(warmup):
+        step(inputs)
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        next(batches)
+        step(inputs)
+    sync(device)
     return steps * args.batch_size / (time.perf_counter() - start)
 
 
-def step_record(module, flags, steps: int, batch_size: int) -> dict:
-    """Runs pretrain.py for one epoch of `steps` steps and returns its metrics.jsonl record."""
-    with tempfile.TemporaryDirectory() as out:
-        module.main([*flags, "--max-epochs", "1", "--eval-every", "0", "--log-every", "1000",
-                     "--dev", str((steps + 1) * batch_size), "--output-dir", out])
-        return json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[-1])
+class Trunk(nn.Module):
+    """Our ResNet trunk returning the C5 map (lightly's examples cut torchvision's at -2)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.net = resnet(args.backbone, args.stem, args.image_size)
+
+    def forward(self, x):
+        return feature_map(self.net, x)
+
+
+def _views(args, count, device, size=None):
+    size = size or args.image_size
+    return [torch.randn(args.batch_size, 3, size, size, device=device) for _ in range(count)]
+
+
+def peer_mmcr(args, device):
+    """lightly examples/pytorch/mmcr.py: k online and k momentum forwards, MMCRLoss."""
+    from lightly.loss import MMCRLoss
+    from lightly.models.modules import MMCRProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    backbone = resnet(args.backbone, args.stem, args.image_size)
+    head = MMCRProjectionHead(512, args.hidden_dim[0], args.projection_dim, num_layers=1)
+    online = nn.Sequential(backbone, head).to(device)
+    momentum = copy.deepcopy(online)
+    deactivate_requires_grad(momentum)
+    criterion, opt = MMCRLoss(lmda=args.lmbda), torch.optim.SGD(online.parameters(), lr=0.06)
+
+    def step(views):
+        update_momentum(online, momentum, args.momentum_tau)
+        z_o = torch.stack([online(x) for x in views], 1)
+        z_m = torch.stack([momentum(x).detach() for x in views], 1)
+        loss = criterion(z_o, z_m)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step, _views(args, args.num_views, device)
+
+
+def peer_nnclr(args, device):
+    """lightly examples/pytorch/nnclr.py: two forwards, NNMemoryBankModule, NTXentLoss."""
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import (NNCLRPredictionHead, NNCLRProjectionHead,
+                                        NNMemoryBankModule)
+    backbone = resnet(args.backbone, args.stem, args.image_size).to(device)
+    proj = NNCLRProjectionHead(512, args.hidden_dim, args.projection_dim).to(device)
+    pred = NNCLRPredictionHead(args.projection_dim, args.pred_hidden_dim,
+                               args.projection_dim).to(device)
+    bank = NNMemoryBankModule(size=(args.queue_size, args.projection_dim)).to(device)
+    params = [*backbone.parameters(), *proj.parameters(), *pred.parameters()]
+    criterion, opt = NTXentLoss(), torch.optim.SGD(params, lr=0.06)
+
+    def step(views):
+        z0, z1 = (proj(backbone(x)) for x in views)
+        p0, p1 = pred(z0), pred(z1)
+        z0, z1 = bank(z0.detach(), update=False), bank(z1.detach(), update=True)
+        loss = 0.5 * (criterion(z0, p1) + criterion(z1, p0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step, _views(args, 2, device)
+
+
+def peer_densecl(args, device):
+    """lightly examples/pytorch/densecl.py: global and local heads, their momentum copies,
+    select_most_similar, two NTXentLoss memory banks (keys from the momentum copies)."""
+    from lightly.loss import NTXentLoss
+    from lightly.models import utils
+    from lightly.models.modules import DenseCLProjectionHead
+    trunk = Trunk(args).to(device)
+    heads = nn.ModuleList([DenseCLProjectionHead(512, 512, 128) for _ in range(2)]).to(device)
+    online = nn.ModuleList([trunk, heads])
+    slow = copy.deepcopy(online)
+    utils.deactivate_requires_grad(slow)
+    banks = [NTXentLoss(0.2, memory_bank_size=(args.queue_size, 128)) for _ in range(2)]
+    opt = torch.optim.SGD(online.parameters(), lr=0.06, momentum=0.9)
+
+    def forward(net, x):
+        f = net[0](x)  # (B, C, H, W)
+        return f, net[1][0](f.mean((2, 3))), net[1][1](f.flatten(2).transpose(1, 2))
+
+    def step(views):
+        utils.update_momentum(online, slow, args.ema)
+        q_f, q_g, q_l = forward(online, views[0])
+        with torch.no_grad():
+            k_f, k_g, k_l = forward(slow, views[1])
+            k_l = utils.select_most_similar(q_f.flatten(2).transpose(1, 2),
+                                            k_f.flatten(2).transpose(1, 2), k_l)
+        loss = 0.5 * (banks[0](q_g, k_g) + banks[1](q_l.flatten(0, 1), k_l.flatten(0, 1)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step, _views(args, 2, device)
+
+
+def peer_msn(args, device):
+    """lightly examples/pytorch/msn.py: masked torchvision ViT, MSNProjectionHead, MSNLoss."""
+    import torchvision
+    from lightly.loss import MSNLoss
+    from lightly.models import utils
+    from lightly.models.modules import MaskedVisionTransformerTorchvision, MSNProjectionHead
+
+    from msn.model import vit_config
+    vit = torchvision.models.VisionTransformer(**vit_config(args.arch, args.patch_size,
+                                                            args.image_size, args.depth))
+    target = nn.ModuleList([MaskedVisionTransformerTorchvision(vit=vit),
+                            MSNProjectionHead(vit.hidden_dim, args.hidden_dim,
+                                              args.projection_dim)]).to(device)
+    anchor = copy.deepcopy(target)
+    utils.deactivate_requires_grad(target)
+    prototypes = nn.Linear(args.projection_dim, args.num_prototypes, bias=False).to(device)
+    criterion = MSNLoss()
+    opt = torch.optim.AdamW([*anchor.parameters(), *prototypes.parameters()], lr=1.5e-4)
+
+    def masked(x):
+        tokens = (x.shape[-1] // args.patch_size) ** 2
+        keep, _ = utils.random_token_mask((x.shape[0], tokens), args.mask_ratio, device=device)
+        return anchor[1](anchor[0](images=x, idx_keep=keep))
+
+    def step(views):
+        utils.update_momentum(anchor, target, 0.996)
+        targets = target[1](target[0](images=views[0]))
+        anchors = torch.cat([masked(views[1]), masked(torch.cat(views[2:]))])
+        loss = criterion(anchors, targets, prototypes.weight.data)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step, _views(args, 2, device) + _views(args, args.focal_views, device,
+                                                 args.focal_size)
+
+
+PEERS = {"mmcr": peer_mmcr, "nnclr": peer_nnclr, "densecl": peer_densecl, "msn": peer_msn}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", default="mmcr", choices=["mmcr", "msn", "densecl", "nnclr"])
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--steps", type=int, default=10, help="timed steps / batches")
-    p.add_argument("rest", nargs="*", help="pretrain.py flags (after --)")
+    p.add_argument("--methods", nargs="+", default=["mmcr", "nnclr", "densecl", "msn"],
+                   choices=["mmcr", "nnclr", "densecl", "msn"])
+    p.add_argument("--device", default="cpu", choices=["cuda", "cpu"])
+    p.add_argument("--threads", type=int, default=2, help="torch threads of every measurement")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (views/s)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps / batches")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     bench = p.parse_args()
-    module = importlib.import_module(f"{bench.method}.pretrain")
-    flags = ["--dataset", "synthetic", "--device", bench.device, *bench.rest]
-    if "--dataset" in bench.rest:
-        flags = flags[2:]
-    args = module.get_args(flags)
-    data = data_images_per_s(module, args, bench.steps)
-    record = step_record(module, flags, bench.steps, args.batch_size)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and bench.device != "cpu"\
-        else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"{bench.method} on {device}: batch {args.batch_size}, {args.num_workers} workers")
-    print(f"  data pipeline  {data:8.1f} images/s")
-    print(f"  training step  {record['step_images_per_s']:8.1f} images/s "
-          f"(end to end {record['images_per_s']:.1f})")
-    print(f"  peak memory    {record['peak_memory_mb']:8.0f} MiB")
+    torch.set_num_threads(bench.threads)
+    device = torch.device(bench.device)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{where}, {bench.threads} torch threads, {bench.num_workers} workers, "
+          f"{bench.precision}, torch {torch.__version__}")
+    for method in bench.methods:
+        module = importlib.import_module(f"{method}.pretrain")
+        flags = ["--dataset", "synthetic", "--device", bench.device, "--precision",
+                 bench.precision, "--threads", str(bench.threads), "--num-workers",
+                 str(bench.num_workers), *WORK[method]]
+        rates = {a: views_per_s(module, flags, a, bench.steps, device) for a in ("pil", "device")}
+        ours = ours_images_per_s(module, [*flags, "--num-workers", "0"], bench.steps,
+                                 bench.warmup, device)
+        peer = peer_images_per_s(method, flags, bench.steps, bench.warmup, device)
+        work = " ".join(WORK[method])
+        print(f"{method:8s} views/s  device {rates['device']:8.0f}  pil {rates['pil']:8.0f}  "
+              f"ratio {rates['device'] / rates['pil']:5.2f}")
+        versus = "lightly not installed" if peer is None else \
+            f"peer {peer:7.1f}  ratio {ours / peer:5.2f}"
+        print(f"{method:8s} step images/s  ours {ours:7.1f}  {versus}   ({work})")
 
 
 if __name__ == "__main__":

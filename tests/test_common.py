@@ -11,7 +11,8 @@ from common.augment import MultiView, View
 from common.knn import accuracy, knn_classify
 from common.lars import LARS
 from common.synthetic import SyntheticShapes
-from common.train import UserError, load_checkpoint, save_checkpoint, warmup_cosine
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.train import UserError, warmup_cosine
 from helpers import run_distributed
 
 

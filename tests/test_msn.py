@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from common.train import load_checkpoint
+from common.checkpoint import load_checkpoint
 from msn import finetune, pretrain
 from msn.model import MSN, ViT, keep_tokens, msn_loss, resize_pos_embedding, sinkhorn, vit_config
 from helpers import read_metrics, run_distributed, run_script, straight_and_resumed
