@@ -63,14 +63,14 @@ def pixels(loader):
     return F.normalize(torch.cat(feats), dim=1), torch.cat(labels)
 
 
-def evaluate(method: str, run: Path, split: Path) -> dict:
-    """kNN top-1 of the trained backbone, the untrained one and raw pixels."""
+def evaluate(build, run: Path, split: Path) -> dict:
+    """kNN top-1 of the trained backbone, the untrained one (built by `build` from the run's
+    args) and raw pixels."""
     pre = json.loads((run / "args.json").read_text())
     info = dataset_info(SimpleNamespace(**pre))
     tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
     bank, test = (eval_loader(load_split(info, split, s, tf), 256, 0) for s in ("train", "test"))
     classes = len(bank.dataset.classes)
-    build = importlib.import_module(f"{method}.finetune").build_backbone
     result = {"raw pixels": knn_top1(*pixels(bank), *pixels(test), classes)}
     torch.manual_seed(pre["seed"])
     untrained, _ = build(pre)
@@ -87,12 +87,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--method", required=True, choices=["mmcr", "msn", "densecl", "nnclr"])
     p.add_argument("--data", type=Path, default=DATA, help="folder of CIFAR-10 class folders")
-    p.add_argument("--output-dir", type=Path, default=None, help="run directory (default: a "
-                   "temporary one, removed afterwards)")
+    p.add_argument("--output-dir", type=Path, default=None, help="run directory (default: "
+                   "runs/real-images/<method>-<time>)")
     p.add_argument("flags", nargs="*", help="pretrain.py flags, after --")
     bench = p.parse_args()
+    build = importlib.import_module(f"{bench.method}.finetune").build_backbone  # before training
+    run = bench.output_dir or ROOT / "runs" / "real-images" / \
+        f"{bench.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:
-        split, run = Path(tmp) / "split", bench.output_dir or Path(tmp) / "run"
+        split = Path(tmp) / "split"
         n_train, n_test = make_split(bench.data, split)
         command = [sys.executable, f"{bench.method}/pretrain.py", "--dataset", "imagefolder",
                    "--data-dir", str(split), "--eval-every", "0", "--output-dir", str(run),
@@ -102,7 +105,7 @@ def main():
         wall = time.perf_counter() - start
         if done.returncode:
             raise SystemExit(f"error: pretraining exited with {done.returncode}")
-        result = evaluate(bench.method, run, split)
+        result = evaluate(build, run, split)
     shown = shlex.join(["python", *command[1:]]).replace(str(split), "<split>")
     print(f"{bench.method}: {n_train} train / {n_test} test images, pretraining {wall / 60:.1f} "
           f"min wall\n  command: {shown}")
