@@ -219,12 +219,13 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn=None):
+def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn=None,
+                 persistent: bool = False):
     """Shuffled, drop_last loader over this process's shard; call sampler.set_epoch each epoch.
     The shuffle order is a pure function of (seed, epoch), also for a single process; the
     loader's own generator (seed + rank, checkpointed) seeds the workers, so making batches
-    draws nothing from the global RNG. Workers persist across epochs only when they draw no
-    random numbers (a `collate_fn` is given: the decode-only loader)."""
+    draws nothing from the global RNG. `persistent` workers (kept across epochs) only for
+    workers that draw no random numbers, or a resumed run would draw other views."""
     if len(ds) < batch_size * d.world_size:
         raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch "
                         f"({batch_size} x {d.world_size} processes): lower --batch-size")
@@ -232,9 +233,8 @@ def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn
                                drop_last=True)
     loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=d.device.type == "cuda", drop_last=True,
-                        collate_fn=collate_fn, generator=torch.Generator().manual_seed(
-                            seed + d.rank), persistent_workers=num_workers > 0 and
-                        collate_fn is not None)
+                        collate_fn=collate_fn, persistent_workers=persistent and num_workers > 0,
+                        generator=torch.Generator().manual_seed(seed + d.rank))
     return loader, sampler
 
 
@@ -268,13 +268,14 @@ def pretrain_data(args, info: DataInfo, views: MultiView, d) -> PretrainData:
     on_device = args.augment == "device"
     transform, collate = (decode, collate_images) if on_device else (views, None)
     ds = load_split(info, args.data_dir, "pretrain", transform, args.seed, args.dev)
-    loader, sampler = train_loader(ds, args.batch_size, args.num_workers, d, args.seed, collate)
+    loader, sampler = train_loader(ds, args.batch_size, args.num_workers, d, args.seed, collate,
+                                   persistent=on_device)  # decode-only workers draw nothing
     if on_device:
         make = BatchViews(views.views, views.with_boxes)
 
         def prepare(batch):
-            images, sizes, labels = to_device(batch, d.device)
-            return make(images, sizes), labels
+            images, sizes, labels = batch
+            return make(to_device(images, d.device), sizes), to_device(labels, d.device)
     else:
         def prepare(batch):
             return to_device(batch, d.device)

@@ -4,7 +4,9 @@ The loader only decodes: each image arrives once, as uint8 (3, H, W). BatchViews
 view's random parameters per image, from the same distributions as the PIL views of
 common/augment.py (the reference, --augment pil), and applies each op to the whole batch with
 tensor ops: one grid_sample for all crops and flips, colour jitter in a random order per image,
-grayscale, Gaussian blur (one grouped convolution), solarisation, normalisation.
+grayscale, Gaussian blur (one grouped convolution), solarisation, normalisation. The parameters
+are drawn with the CPU generator and sent to the device (pinned, non-blocking), so making views
+never waits for the GPU, and a CPU and a GPU run with one seed draw the same views.
 """
 import math
 
@@ -13,6 +15,13 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import pil_to_tensor
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def to(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor on `device` without blocking the host (pinned, non-blocking)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def decode(img) -> torch.Tensor:
@@ -35,11 +44,11 @@ def collate_images(batch):
 def crop_params(sizes: torch.Tensor, scale, ratio=(3 / 4, 4 / 3), attempts: int = 10):
     """torchvision's RandomResizedCrop.get_params for every image at once: up to 10 draws of
     area ~ U(scale) x image area and log aspect ~ U(log ratio), the first that fits wins, else
-    the central crop of the clamped ratio. sizes (N, 2) -> top, left, h, w, each (N,)."""
-    n, dev = sizes.shape[0], sizes.device
+    the central crop of the clamped ratio. sizes (N, 2) on the CPU -> top, left, h, w, (N,)."""
+    n = sizes.shape[0]
     img_h, img_w = sizes.float().unbind(1)  # (N,)
-    area = (img_h * img_w)[:, None] * torch.empty(n, attempts, device=dev).uniform_(*scale)
-    log_r = torch.empty(n, attempts, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    area = (img_h * img_w)[:, None] * torch.empty(n, attempts).uniform_(*scale)
+    log_r = torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]))
     w = torch.sqrt(area * log_r.exp()).round()
     h = torch.sqrt(area / log_r.exp()).round()
     fits = (w > 0) & (h > 0) & (w <= img_w[:, None]) & (h <= img_h[:, None])  # (N, attempts)
@@ -50,23 +59,22 @@ def crop_params(sizes: torch.Tensor, scale, ratio=(3 / 4, 4 / 3), attempts: int 
     fw = torch.where(in_ratio > ratio[1], (img_h * ratio[1]).round(), img_w)
     fh = torch.where(in_ratio < ratio[0], (img_w / ratio[0]).round(), img_h)
     w, h = torch.where(found, w, fw), torch.where(found, h, fh)
-    top = torch.where(found, (torch.rand(n, device=dev) * (img_h - h + 1)).floor(),
-                      ((img_h - h) / 2).floor())
-    left = torch.where(found, (torch.rand(n, device=dev) * (img_w - w + 1)).floor(),
-                       ((img_w - w) / 2).floor())
+    top = torch.where(found, (torch.rand(n) * (img_h - h + 1)).floor(), ((img_h - h) / 2).floor())
+    left = torch.where(found, (torch.rand(n) * (img_w - w + 1)).floor(), ((img_w - w) / 2).floor())
     return top, left, h, w
 
 
 def resized_crop(x, top, left, h, w, flip, size: int, mode: str = "bilinear"):
-    """Crop boxes (top, left, h, w), each (k*B,) view-major, of the B images x, resized to
-    size x size and mirrored where `flip`: k crops of every image from one grid_sample. The
-    sampling points are F.interpolate's (align_corners=False), clamped to the crop, as
-    torchvision's resized_crop. When a crop shrinks by 1.5x or more, each output pixel averages
-    m x m sub-samples (a box prefilter against aliasing).
+    """Crop boxes (top, left, h, w) on the CPU, each (k*B,) view-major, of the B images x,
+    resized to size x size and mirrored where `flip`: k crops of every image from one
+    grid_sample. The sampling points are F.interpolate's (align_corners=False), clamped to the
+    crop, as torchvision's resized_crop. When a crop shrinks by 1.5x or more, each output pixel
+    averages m x m sub-samples (a box prefilter against aliasing).
     x (B, C, H, W) float -> (k*B, C, size, size)."""
     b, c, img_h, img_w = x.shape
     k = top.shape[0] // b
     m = max(1, round(float(torch.maximum(h, w).max()) / size))
+    top, left, h, w, flip = (to(t, x.device) for t in (top, left, h, w, flip))
     steps = (torch.arange(size * m, device=x.device) + 0.5) / m  # output pixel centres
 
     def axis(start, length, full):  # (k*B, size*m) normalised source coordinates
@@ -126,17 +134,18 @@ def jitter_op(x, op: int, f, valid=None):
 def colour_jitter(x, strength, p: float, valid=None):
     """torchvision's RandomApply([ColorJitter(b, c, s, h)], p) per image: factors b, c, s ~
     U(max(0, 1 - v), 1 + v), h ~ U(-v, v), the four ops in a random order per image."""
-    n, dev = x.shape[0], x.device
-    active = torch.rand(n, device=dev) < p
-    low = torch.tensor([max(0.0, 1 - v) for v in strength[:3]] + [-strength[3]], device=dev)
-    high = torch.tensor([1 + v for v in strength[:3]] + [strength[3]], device=dev)
-    factors = low + (high - low) * torch.rand(n, 4, device=dev)  # (N, 4)
-    order = torch.rand(n, 4, device=dev).argsort(1)  # a random permutation per image
+    n = x.shape[0]
+    active = torch.rand(n) < p
+    low = torch.tensor([max(0.0, 1 - v) for v in strength[:3]] + [-strength[3]])
+    high = torch.tensor([1 + v for v in strength[:3]] + [strength[3]])
+    factors = low + (high - low) * torch.rand(n, 4)  # (N, 4)
+    order = torch.rand(n, 4).argsort(1)  # a random permutation per image
     for position in range(4):
         for op in range(4):
-            sel = (active & (order[:, position] == op)).nonzero()[:, 0]
+            sel = (active & (order[:, position] == op)).nonzero()[:, 0]  # on the CPU: no sync
             if len(sel):
-                f = factors[sel, op][:, None, None, None]
+                f = to(factors[sel, op][:, None, None, None], x.device)
+                sel = to(sel, x.device)
                 x[sel] = jitter_op(x[sel], op, f, None if valid is None else valid[sel])
     return x
 
@@ -158,20 +167,20 @@ def gaussian_blur(x, sigma, kernel: int):
 
 def colour(x, view, valid=None):
     """The colour ops of a View on a batch: jitter, grayscale, blur, solarisation."""
-    n, dev = x.shape[0], x.device
+    n = x.shape[0]
+
+    def chosen(p):  # (N, 1, 1, 1) on the device: apply to this image?
+        return to(torch.rand(n) < p, x.device)[:, None, None, None]
+
     if view.jitter_p > 0:
         x = colour_jitter(x, view.jitter, view.jitter_p, valid)
-    sel = torch.rand(n, device=dev) < view.gray_p
-    x = torch.where(sel[:, None, None, None], gray(x).expand_as(x), x)
+    x = torch.where(chosen(view.gray_p), gray(x).expand_as(x), x)
     if view.blur_p > 0:
-        sel = torch.rand(n, device=dev) < view.blur_p
-        sigma = torch.empty(n, device=dev).uniform_(*view.blur_sigma)
+        sel, sigma = chosen(view.blur_p), to(torch.empty(n).uniform_(*view.blur_sigma), x.device)
         if view.blur_kernel > 1:
-            x = torch.where(sel[:, None, None, None],
-                            gaussian_blur(x, sigma, view.blur_kernel), x)
+            x = torch.where(sel, gaussian_blur(x, sigma, view.blur_kernel), x)
     if view.solarize_p > 0:
-        sel = torch.rand(n, device=dev) < view.solarize_p
-        x = torch.where(sel[:, None, None, None] & (x >= 128 / 255), 1 - x, x)
+        x = torch.where(chosen(view.solarize_p) & (x >= 128 / 255), 1 - x, x)
     return x
 
 
@@ -188,8 +197,8 @@ class BatchViews:
             self.groups.setdefault(view, []).append(i)
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor):
-        x, sizes = images.float() / 255, sizes.to(images.device)
-        b = x.shape[0]
+        """images on the device, sizes on the CPU."""
+        x, b = images.float() / 255, images.shape[0]
         out, boxes = [None] * len(self.views), [None] * len(self.views)
         for view, positions in self.groups.items():
             views, box = self.make(view, x, sizes, len(positions))  # (k*B, 3, s, s), (k*B, 5)
@@ -202,12 +211,12 @@ class BatchViews:
         """k views of every image of x (B, 3, H, W) in [0, 1], view-major."""
         sizes = sizes.repeat(k, 1)  # (k*B, 2)
         top, left, h, w = crop_params(sizes, view.scale)
-        flip = torch.rand(sizes.shape[0], device=x.device) < 0.5
+        flip = torch.rand(sizes.shape[0]) < 0.5
         if view.colour_first:  # colour on the whole (unpadded part of the) image, then crop
             x = x.repeat(k, 1, 1, 1)
-            rows = torch.arange(x.shape[2], device=x.device)[None, :, None] < sizes[:, :1, None]
-            cols = torch.arange(x.shape[3], device=x.device)[None, None, :] < sizes[:, 1:, None]
-            x = colour(x, view, (rows & cols)[:, None].float())
+            rows = torch.arange(x.shape[2])[None, :, None] < sizes[:, :1, None]
+            cols = torch.arange(x.shape[3])[None, None, :] < sizes[:, 1:, None]
+            x = colour(x, view, to((rows & cols)[:, None].float(), x.device))
             b = x.shape[0] // k
             v = torch.cat([resized_crop(x[j * b:(j + 1) * b], *(t[j * b:(j + 1) * b] for t in
                                         (top, left, h, w, flip)), view.size,
@@ -218,4 +227,4 @@ class BatchViews:
         mean, std = (v.new_tensor(s)[:, None, None] for s in (view.mean, view.std))
         img_h, img_w = sizes.float().unbind(1)
         box = torch.stack([top / img_h, left / img_w, h / img_h, w / img_w, flip.float()], 1)
-        return (v - mean) / std, box
+        return (v - mean) / std, to(box, x.device)

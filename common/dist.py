@@ -3,6 +3,7 @@
 Distributed mode is on exactly when torchrun set RANK. A plain `python` run is world size 1
 with no process group, and every collective below is then the identity.
 """
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -167,10 +168,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 def prepare_model(model: torch.nn.Module, d: Dist, sync_bn: bool = True) -> torch.nn.Module:
     """SyncBN + DDP when distributed. SyncBN only exists on CUDA: on CPU it is skipped.
     Methods with their own BN scheme (DenseCL's shuffle-BN) pass sync_bn=False.
-    DDP does not re-broadcast buffers before each forward: queues and support sets are equal
-    on every rank by construction (gathered keys), and BN running statistics are not used in
-    training (batch statistics are); rank 0's, the ones saved and evaluated, are its own
-    either way. This saves re-sending e.g. NNCLR's 64 MB support set every step."""
+    Buffers are broadcast from rank 0 once, here; DDP does not re-send them before each
+    forward: queues and support sets stay equal on every rank by construction (gathered keys),
+    and BN running statistics are not used in training (batch statistics are); rank 0's, the
+    ones saved and evaluated, are its own either way. This saves re-sending e.g. NNCLR's 64 MB
+    support set every step."""
     if d.world_size == 1:
         return model
     if sync_bn and d.device.type == "cuda":
@@ -178,6 +180,10 @@ def prepare_model(model: torch.nn.Module, d: Dist, sync_bn: bool = True) -> torc
         print0("BatchNorm: SyncBatchNorm across", d.world_size, "processes")
     elif sync_bn:
         print0("BatchNorm: per-process (SyncBatchNorm needs CUDA; skipped on CPU)")
+    for buf in model.buffers():
+        broadcast(buf)
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_resync = "forward_sync_buffers" if "forward_sync_buffers" in \
+        inspect.signature(ddp).parameters else "broadcast_buffers"  # the name of torch < 2.14
     ids = [d.local_rank] if d.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                                     broadcast_buffers=False)
+    return ddp(model, device_ids=ids, **{no_resync: False})

@@ -57,6 +57,18 @@ def run_main(main, argv=None) -> None:
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED)
+    except RuntimeError as e:
+        if not peer_failure(e):
+            raise
+        print(f"error: another rank failed or stopped answering ({str(e).splitlines()[0][-160:]}"
+              "); its own error is above", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def peer_failure(e: Exception) -> bool:
+    """A collective that failed because a peer process died or timed out: gloo raises a
+    RuntimeError naming itself, NCCL a DistError."""
+    return dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e).lower())
 
 
 def at_least(minimum: int, kind=int):

@@ -149,14 +149,15 @@ class DenseCL(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, k_all: torch.Tensor, k2_all: torch.Tensor) -> None:
-        """FIFO: write the N gathered keys over the oldest N slots of both queues."""
+        """FIFO: write the N gathered keys over the oldest N slots of both queues. The pointer
+        stays on the device (no host synchronisation per step)."""
         n, size = k_all.shape[0], self.queue.shape[0]
         if size % n:
             raise ValueError(f"queue length {size} is not a multiple of the global batch {n}")
-        ptr = int(self.queue_ptr)
-        self.queue[ptr:ptr + n] = k_all
-        self.queue_dense[ptr:ptr + n] = k2_all
-        self.queue_ptr.fill_((ptr + n) % size)
+        slots = self.queue_ptr + torch.arange(n, device=k_all.device)  # (N,)
+        self.queue.index_copy_(0, slots, k_all.to(self.queue.dtype))
+        self.queue_dense.index_copy_(0, slots, k2_all.to(self.queue_dense.dtype))
+        self.queue_ptr.add_(n).remainder_(size)
         self.queue_fill.clamp_(max=size - n).add_(n)  # min(size, fill + n)
 
 

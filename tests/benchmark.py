@@ -28,8 +28,9 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from common.backbone import feature_map, resnet  # noqa: E402
-from common.data import dataset_info, pretrain_data  # noqa: E402
-from common.dist import Dist  # noqa: E402
+from common.data import dataset_info  # noqa: E402
+from common.device_views import BatchViews, collate_images, decode  # noqa: E402
+from common.synthetic import SyntheticShapes  # noqa: E402
 
 # the work of each comparison (the settings the issue measured), as pretrain.py flags
 WORK = {"mmcr": ["--batch-size", "32", "--num-views", "4", "--momentum-tau", "0.99",
@@ -44,21 +45,46 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+class InMemory(torch.utils.data.Dataset):
+    """32 px images held in memory as PIL images (as torchvision's CIFAR-10 serves them), so
+    the views/s figure measures the view pipeline, not the image source."""
+
+    def __init__(self, n: int, transform):
+        self.images = [SyntheticShapes(n, 32, 0)[i] for i in range(n)]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img, label = self.images[i]
+        return self.transform(img), label
+
+
 def views_per_s(module, flags, augment: str, batches: int, device) -> float:
-    """Views per second of loader + view making, after one untimed batch (worker start)."""
+    """Views per second of loader + view making with the method's views, after one untimed
+    batch (worker start): PIL views in the workers, or decode in the workers and BatchViews
+    on `device`."""
     args = module.get_args([*flags, "--augment", augment])
-    info = dataset_info(args)
-    data = pretrain_data(args, info, module.view_transform(args, info),
-                         Dist(0, 0, 1, device, True))
-    batch_iter = iter(data.loader)
-    data.prepare(next(batch_iter))
+    views = module.view_transform(args, dataset_info(args))
+    on_device = augment == "device"
+    ds = InMemory(args.batch_size * (batches + 1), decode if on_device else views)
+    loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers,
+                                         collate_fn=collate_images if on_device else None)
+    make = BatchViews(views.views, views.with_boxes)
+    batch_iter = iter(loader)
+
+    def next_views():
+        batch = next(batch_iter)
+        return make(batch[0].to(device), batch[1]) if on_device else batch[0]
+
+    next_views()
     sync(device)
     start = time.perf_counter()
     for _ in range(batches):
-        views = data.prepare(next(batch_iter))[0]
+        next_views()
     sync(device)
-    count = len(views[0] if isinstance(views, tuple) else views)
-    return batches * args.batch_size * count / (time.perf_counter() - start)
+    return batches * args.batch_size * len(views.views) / (time.perf_counter() - start)
 
 
 def ours_images_per_s(module, flags, steps: int, warmup: int, device) -> float:
@@ -119,7 +145,7 @@ def _views(args, count, device, size=None):
 def peer_mmcr(args, device):
     """lightly examples/pytorch/mmcr.py: k online and k momentum forwards, MMCRLoss."""
     from lightly.loss import MMCRLoss
-    from lightly.models.modules import MMCRProjectionHead
+    from lightly.models.modules.heads import MMCRProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     backbone = resnet(args.backbone, args.stem, args.image_size)
     head = MMCRProjectionHead(512, args.hidden_dim[0], args.projection_dim, num_layers=1)
@@ -168,7 +194,7 @@ def peer_densecl(args, device):
     select_most_similar, two NTXentLoss memory banks (keys from the momentum copies)."""
     from lightly.loss import NTXentLoss
     from lightly.models import utils
-    from lightly.models.modules import DenseCLProjectionHead
+    from lightly.models.modules.heads import DenseCLProjectionHead
     trunk = Trunk(args).to(device)
     heads = nn.ModuleList([DenseCLProjectionHead(512, 512, 128) for _ in range(2)]).to(device)
     online = nn.ModuleList([trunk, heads])
@@ -200,7 +226,8 @@ def peer_msn(args, device):
     import torchvision
     from lightly.loss import MSNLoss
     from lightly.models import utils
-    from lightly.models.modules import MaskedVisionTransformerTorchvision, MSNProjectionHead
+    from lightly.models.modules import MaskedVisionTransformerTorchvision
+    from lightly.models.modules.heads import MSNProjectionHead
 
     from msn.model import vit_config
     vit = torchvision.models.VisionTransformer(**vit_config(args.arch, args.patch_size,

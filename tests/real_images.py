@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from common.augment import eval_transform  # noqa: E402
 from common.data import dataset_info, eval_loader, load_split  # noqa: E402
+from common.dist import Dist  # noqa: E402
 from common.knn import accuracy, extract_features, knn_classify  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-5k"
@@ -69,7 +70,9 @@ def evaluate(build, run: Path, split: Path) -> dict:
     pre = json.loads((run / "args.json").read_text())
     info = dataset_info(SimpleNamespace(**pre))
     tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
-    bank, test = (eval_loader(load_split(info, split, s, tf), 256, 0) for s in ("train", "test"))
+    cpu = Dist(0, 0, 1, torch.device("cpu"), True)
+    bank, test = (eval_loader(load_split(info, split, s, tf), 256, 0, cpu)
+                  for s in ("train", "test"))
     classes = len(bank.dataset.classes)
     result = {"raw pixels": knn_top1(*pixels(bank), *pixels(test), classes)}
     torch.manual_seed(pre["seed"])
@@ -89,6 +92,8 @@ def main():
     p.add_argument("--data", type=Path, default=DATA, help="folder of CIFAR-10 class folders")
     p.add_argument("--output-dir", type=Path, default=None, help="run directory (default: "
                    "runs/real-images/<method>-<time>)")
+    p.add_argument("--evaluate-only", action="store_true", help="evaluate the finished run in "
+                   "--output-dir instead of pretraining")
     p.add_argument("flags", nargs="*", help="pretrain.py flags, after --")
     bench = p.parse_args()
     build = importlib.import_module(f"{bench.method}.finetune").build_backbone  # before training
@@ -101,10 +106,11 @@ def main():
                    "--data-dir", str(split), "--eval-every", "0", "--output-dir", str(run),
                    *bench.flags]
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+        if not bench.evaluate_only:
+            done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL)
+            if done.returncode:
+                raise SystemExit(f"error: pretraining exited with {done.returncode}")
         wall = time.perf_counter() - start
-        if done.returncode:
-            raise SystemExit(f"error: pretraining exited with {done.returncode}")
         result = evaluate(build, run, split)
     shown = shlex.join(["python", *command[1:]]).replace(str(split), "<split>")
     print(f"{bench.method}: {n_train} train / {n_test} test images, pretraining {wall / 60:.1f} "

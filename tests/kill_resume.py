@@ -1,0 +1,86 @@
+"""Kill-and-resume check (a script; tests/test_cluster.py runs it for MMCR): pretrain once
+straight through, then again killed with SIGKILL at random moments and continued with
+--resume auto each time, and compare the final weights and buffers. Each kill must lose at most
+--checkpoint-every of training.
+
+    python tests/kill_resume.py --method densecl
+    python tests/kill_resume.py --method msn --kills 3 -- --arch vit_tiny --depth 2
+"""
+import argparse
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8",
+         "--num-workers", "0", "--eval-every", "0", "--dev", "96", "--max-epochs", "2",
+         "--checkpoint-every", "0.001"]  # last.pt every 60 ms of training
+EVERY = 0.06  # seconds: --checkpoint-every 0.001 minutes
+
+
+def written_since(path: Path, moment: float) -> bool:
+    return path.exists() and path.stat().st_mtime >= moment
+
+
+def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: int = 0):
+    """(straight model state, killed-and-resumed model state, kills made). Up to `kills`
+    times a process is killed a random 0-1 s after it has trained and checkpointed once; the
+    last one runs to the end."""
+    command = [sys.executable, f"{method}/pretrain.py", *FLAGS, *flags]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*command, "--output-dir", str(out / "straight")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    total = torch.load(out / "straight" / "last.pt", weights_only=True)["step"]
+    run, rng, made = out / "run", random.Random(seed), 0
+    while True:
+        started = time.time()
+        resume = ["--resume", "auto"] if made else []
+        proc = subprocess.Popen([*command, "--output-dir", str(run), *resume], cwd=ROOT,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if made == kills:
+            break
+        while proc.poll() is None and not written_since(run / "last.pt", started):
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.0))
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        made += 1
+        lost = time.time() - (run / "last.pt").stat().st_mtime
+        if torch.load(run / "last.pt", weights_only=True)["step"] < total:  # still training
+            assert lost < EVERY + 0.5, f"kill {made} lost {lost:.2f} s of training"
+    if proc.wait():
+        raise SystemExit(f"the last resumed run exited with {proc.returncode}")
+    states = [torch.load(r / "last.pt", weights_only=True)["model"] for r in (out / "straight",
+                                                                             run)]
+    return *states, made
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--method", required=True, choices=["mmcr", "msn", "densecl", "nnclr"])
+    p.add_argument("--kills", type=int, default=3, help="kills at most (fewer if a run "
+                   "finishes first)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    p.add_argument("flags", nargs="*", help="more pretrain.py flags, after --")
+    bench = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        straight, resumed, kills = kill_and_resume(bench.method, bench.flags, Path(tmp),
+                                                   bench.kills, bench.seed)
+    differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    print(f"{bench.method}: killed {kills} times; {len(straight) - len(differ)} of "
+          f"{len(straight)} tensors equal to the uninterrupted run's" +
+          (f"; differ: {differ[:5]}" if differ else ""))
+    sys.exit(1 if differ else 0)
+
+
+if __name__ == "__main__":
+    main()

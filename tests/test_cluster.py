@@ -1,0 +1,134 @@
+"""Surviving a cluster: kills at random moments and SIGTERM under torchrun resume exactly,
+evaluation sharded over ranks equals one process, a dying rank does not hang the others, and a
+finished run can be extended."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.data import Subset, TensorDataset
+
+from common.checkpoint import load_checkpoint
+from common.data import eval_loader
+from common.dist import Dist
+from common.knn import knn_eval
+from common.train import PREEMPTED, run_main
+from helpers import ROOT, read_metrics, run_distributed, use_tiny_cnn
+from kill_resume import kill_and_resume
+from mmcr import model as mmcr_model
+from mmcr import pretrain
+
+FLAGS = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--num-views",
+         "2", "--num-workers", "0", "--eval-every", "0", "--dev", "96", "--max-epochs", "2"]
+
+
+def _knn(rank, world, k):
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(84, 3, 4, 4, generator=g), torch.randint(0, 4, (84,), generator=g)
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Flatten(), nn.Linear(48, 8))
+    d = Dist(rank, rank, world, torch.device("cpu"), rank == 0)
+    ds = TensorDataset(images, labels)
+    bank, test = eval_loader(Subset(ds, range(61)), 16, 0, d), \
+        eval_loader(Subset(ds, range(61, 84)), 16, 0, d)
+    return knn_eval(encoder, bank, test, k, 0.1, 4, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("k", [5, 40])  # 40 > a rank's 30 or 31 bank rows
+def test_sharded_knn_equals_one_process(k, tmp_path):
+    one = _knn(0, 1, k)
+    assert run_distributed(_knn, 2, tmp_path, k) == [one, one]
+
+
+def _model_state(run):
+    return torch.load(run / "last.pt", weights_only=True)["model"]
+
+
+def test_killed_at_random_moments_resumes_exactly(tmp_path):
+    straight, resumed, kills = kill_and_resume("mmcr", ["--num-views", "2"], tmp_path)
+    assert kills >= 2
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def _torchrun(args, log):
+    """torchrun with 2 gloo processes on pretrain.py, its output into the file `log`."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                             "2", "mmcr/pretrain.py", "--device", "cpu", *args], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def test_sigterm_under_torchrun_checkpoints_and_resumes_exactly(tmp_path):
+    flags = [*FLAGS, "--dev", "192", "--checkpoint-every", "0"]
+    run, log = tmp_path / "run", tmp_path / "log"
+    assert _torchrun([*flags, "--output-dir", str(tmp_path / "straight")], log).wait(120) == 0
+    proc = _torchrun([*flags, "--output-dir", str(run)], log)
+    while "epoch 1/2:" not in log.read_text():  # training has started
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
+    proc.wait(60)
+    out = log.read_text()
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert 0 < ckpt["batch"] < 12 and ckpt["epoch"] == 0, out  # mid-epoch, step boundary
+    assert out.count(f"continue with the same command and --resume auto (exit code "
+                     f"{PREEMPTED})") == 2, out
+    assert _torchrun([*flags, "--output-dir", str(run), "--resume", "auto"], log).wait(120) == 0
+    straight, resumed = _model_state(tmp_path / "straight"), _model_state(run)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+FAILING_RANK = """
+import sys
+sys.path.insert(0, {root!r})
+from common import dist
+from common.train import run_main
+from mmcr import pretrain
+step = pretrain.train_step
+calls = []
+
+def failing(*args):
+    calls.append(1)
+    if dist.rank() == 1 and len(calls) == 3:
+        raise RuntimeError("rank 1 fails on purpose")
+    return step(*args)
+
+pretrain.train_step = failing
+run_main(pretrain.main)
+"""
+
+
+def test_a_dying_rank_ends_the_others(tmp_path):
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK.format(root=str(ROOT)))
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                           "2", str(script), "--device", "cpu", *FLAGS, "--dist-timeout", "1",
+                           "--output-dir", str(tmp_path / "run")], cwd=ROOT, timeout=120,
+                          capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0 and time.time() - start < 60
+    err = proc.stderr
+    assert "rank 1 fails on purpose" in err
+    assert "error: another rank failed or stopped answering" in err, err
+
+
+def test_a_finished_run_can_be_extended(tmp_path, monkeypatch, capsys):
+    use_tiny_cnn(monkeypatch, mmcr_model)
+    flags = [*FLAGS, "--max-epochs", "1", "--output-dir", str(tmp_path)]
+    pretrain.main(flags)
+    pretrain.main([*flags, "--resume", "auto", "--max-epochs", "3"])
+    assert "extended from 1 to 3 epochs" in capsys.readouterr().out
+    records = read_metrics(tmp_path)
+    assert [r["epoch"] for r in records] == [1, 2, 3] and records[-1]["step"] == 36
+    assert load_checkpoint(tmp_path / "last.pt", "mmcr")["args"]["max_epochs"] == 3
+    with pytest.raises(SystemExit) as exit_info:  # fewer epochs than trained: refused
+        run_main(pretrain.main, [*flags, "--resume", "auto", "--max-epochs", "2"])
+    assert exit_info.value.code == 2
+    assert "has already trained 3 epochs" in capsys.readouterr().err
