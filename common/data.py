@@ -291,5 +291,5 @@ def knn_data(args, info: DataInfo, d):
     if bank is None or test is None or not num_classes(bank):
         dist.print0("kNN monitor off: the data has no labelled train/ and val/ splits")
         return None
-    return (eval_loader(bank, 512, args.num_workers, d), eval_loader(test, 512, args.num_workers, d),
-            num_classes(bank))
+    return (eval_loader(bank, 512, args.num_workers, d),
+            eval_loader(test, 512, args.num_workers, d), num_classes(bank))

@@ -40,13 +40,17 @@ def build_backbone(pre: dict):
     return ViT(**pre["vit_config"]), pre["vit_config"]["hidden_dim"]
 
 
-def main(argv=None):
+def get_args(argv=None):
     p = finetune_args("Linear probe / finetune of an MSN backbone")
     p.add_argument_group("msn").add_argument(
         "--features", default="final-norm", choices=["final-norm", "last-block"],
         help="final-norm: class token after the final LayerNorm, into a Linear layer; "
         "last-block: the official linear evaluation's features and head (module docstring)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
     state, pre = pretrain_state(args.checkpoint, "msn")
     backbone, width = build_backbone(pre)
     load_backbone(backbone, state, "target_encoder.")

@@ -63,11 +63,12 @@ def get_args(argv=None):
     a("--mask-per-image", action="store_true", help="draw one mask per image (lightly) instead "
       "of one per batch (official)")
     a("--hidden-dim", type=at_least(1), default=2048, help="projector hidden width")
-    a("--projection-dim", type=at_least(1), default=256, help="projector output and prototype dim D")
+    a("--projection-dim", type=at_least(1), default=256,
+      help="projector output and prototype dim D")
     a("--num-prototypes", type=at_least(1), default=1024, help="K learnable prototypes")
     a("--tau", type=positive_float, default=0.1, help="anchor softmax temperature")
-    a("--sharpen", type=positive_float, default=0.25, help="target sharpening T (target temperature "
-      "tau x T)")
+    a("--sharpen", type=positive_float, default=0.25,
+      help="target sharpening T (target temperature tau x T)")
     a("--sinkhorn-iters", type=at_least(1), default=3, help="Sinkhorn iterations on the targets")
     a("--memax-weight", type=float, default=1.0, help="weight of the mean-entropy maximisation")
     a("--start-lr", type=float, default=2e-4, help="learning rate at the start of the warmup")
@@ -76,8 +77,8 @@ def get_args(argv=None):
       "from --weight-decay over 1.25 x the run")
     a("--ema", type=float, default=0.996, help="target EMA momentum at step 0, rising linearly "
       "to 1 at 1.25 x the run")
-    a("--clip-grad", type=at_least(0, float), default=3.0, help="max grad norm of encoder + projector "
-      "(0: no clipping; the norm is logged either way)")
+    a("--clip-grad", type=at_least(0, float), default=3.0, help="max grad norm of encoder + "
+      "projector (0: no clipping; the norm is logged either way)")
     use_recipes(p, RECIPES)
     args = p.parse_args(argv)
     apply_recipe(args, RECIPES)
@@ -196,8 +197,12 @@ def main(argv=None):
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x (2 x "
                 f"{args.image_size} px + {args.focal_views} x {args.focal_size} px) | global "
                 f"batch {images} images | {tokens} tokens, {int(tokens * (1 - args.mask_ratio))} "
-                f"kept in the anchor | {len(data.loader)} steps/epoch | peak lr {args.learning_rate} "
-                f"(not batch-scaled; official: global batch 1024) | {out_dir}")
+                f"kept in the anchor | {len(data.loader)} steps/epoch | peak lr "
+                f"{args.learning_rate} (not batch-scaled; official: global batch 1024) | {out_dir}")
+    if args.num_prototypes > images:  # Sinkhorn spreads each batch evenly over the prototypes
+        dist.print0(f"notice: --num-prototypes {args.num_prototypes} is more than the global "
+                    f"batch ({images}): each batch's targets can reach at most {images} of them "
+                    "(official: 1024 prototypes, global batch 1024)")
 
     # ---- train
     def step_fn(batch, step):

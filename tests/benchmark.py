@@ -61,12 +61,13 @@ class InMemory(torch.utils.data.Dataset):
         return self.transform(img), label
 
 
-def views_per_s(module, flags, augment: str, batches: int, device) -> float:
-    """Views per second of loader + view making with the method's views, after one untimed
-    batch (worker start): PIL views in the workers, or decode in the workers and BatchViews
-    on `device`."""
+def views_per_s(module, flags, augment: str, count: int, device) -> float:
+    """Views per second of loader + view making with the method's views, over at least
+    `count` views after one untimed batch (worker start): PIL views in the workers, or decode
+    in the workers and BatchViews on `device`."""
     args = module.get_args([*flags, "--augment", augment])
     views = module.view_transform(args, dataset_info(args))
+    batches = -(-count // (args.batch_size * len(views.views)))
     on_device = augment == "device"
     ds = InMemory(args.batch_size * (batches + 1), decode if on_device else views)
     loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers,
@@ -268,7 +269,8 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cuda", "cpu"])
     p.add_argument("--threads", type=int, default=2, help="torch threads of every measurement")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers (views/s)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps / batches")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps")
+    p.add_argument("--views", type=int, default=20000, help="views timed per pipeline")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     bench = p.parse_args()
@@ -282,7 +284,7 @@ def main():
         flags = ["--dataset", "synthetic", "--device", bench.device, "--precision",
                  bench.precision, "--threads", str(bench.threads), "--num-workers",
                  str(bench.num_workers), *WORK[method]]
-        rates = {a: views_per_s(module, flags, a, bench.steps, device) for a in ("pil", "device")}
+        rates = {a: views_per_s(module, flags, a, bench.views, device) for a in ("pil", "device")}
         ours = ours_images_per_s(module, [*flags, "--num-workers", "0"], bench.steps,
                                  bench.warmup, device)
         peer = peer_images_per_s(method, flags, bench.steps, bench.warmup, device)

@@ -13,9 +13,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def readme_commands():
     """(script, argv) of each command line in README's bash blocks (after torchrun or &&)."""
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    for line in "\n".join(blocks).splitlines():
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():  # joins continued lines
         for command in line.split("&&"):
             words = shlex.split(command.replace("<", "").replace(">", ""), comments=True)
+            words = words[:-1] if words[-1:] == ["&"] else words  # run in the background
             scripts = [i for i, w in enumerate(words)
                        if re.fullmatch(r"(mmcr|nnclr|densecl|msn)/(pretrain|finetune)\.py", w)]
             if scripts:
@@ -39,9 +40,9 @@ def test_readme_command_parses(script, argv, photo_folder):
         argv = [*argv, "--data-dir", str(photo_folder)]  # a placeholder such as /data/imagenet
     if script.endswith("pretrain.py"):
         module.get_args(argv)
-    else:
+    else:  # a finetune.py with flags of its own has get_args
         from common.finetune import finetune_args
-        finetune_args("").parse_args(argv)
+        getattr(module, "get_args", finetune_args("").parse_args)(argv)
 
 
 def test_readme_shows_every_method():
