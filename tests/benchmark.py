@@ -50,7 +50,8 @@ class InMemory(torch.utils.data.Dataset):
     the views/s figure measures the view pipeline, not the image source."""
 
     def __init__(self, n: int, transform):
-        self.images = [SyntheticShapes(n, 32, 0)[i] for i in range(n)]
+        shapes = SyntheticShapes(n, 32, 0)
+        self.images = [shapes[i] for i in range(n)]
         self.transform = transform
 
     def __len__(self):

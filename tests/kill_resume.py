@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8",
          "--num-workers", "0", "--eval-every", "0", "--dev", "96", "--max-epochs", "2",
          "--checkpoint-every", "0.001"]  # last.pt every 60 ms of training
-EVERY = 0.06  # seconds: --checkpoint-every 0.001 minutes
+EVERY = float(FLAGS[-1]) * 60  # seconds between checkpoints
 
 
 def written_since(path: Path, moment: float) -> bool:

@@ -113,8 +113,9 @@ def main():
         wall = time.perf_counter() - start
         result = evaluate(build, run, split)
     shown = shlex.join(["python", *command[1:]]).replace(str(split), "<split>")
-    print(f"{bench.method}: {n_train} train / {n_test} test images, pretraining {wall / 60:.1f} "
-          f"min wall\n  command: {shown}")
+    trained = "evaluated only" if bench.evaluate_only else f"pretraining {wall / 60:.1f} min wall"
+    print(f"{bench.method}: {n_train} train / {n_test} test images, {trained}\n"
+          f"  command: {shown}")
     for name, acc in result.items():
         print(f"  {name:11s} kNN top-1  k=20 {acc[20]:5.1f}   k=200 {acc[200]:5.1f}")
 
