@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torchvision.transforms.functional import pil_to_tensor
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+HUE_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B: see shift_hue
 
 
 def to(t: torch.Tensor, device) -> torch.Tensor:
@@ -64,31 +65,54 @@ def crop_params(sizes: torch.Tensor, scale, ratio=(3 / 4, 4 / 3), attempts: int 
     return top, left, h, w
 
 
+def pil_filter(t, mode: str):
+    """PIL's resampling filters: triangle (bilinear) or Keys cubic with a = -0.5 (bicubic)."""
+    t = t.abs()
+    if mode == "bilinear":
+        return (1 - t).clamp(min=0)
+    near = (1.5 * t - 2.5) * t * t + 1
+    far = ((-0.5 * t + 2.5) * t - 4) * t + 2
+    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
+
+
+def resize_weights(start, length, size: int, full: int, mode: str, taps: int):
+    """(N, size, full): row i of view n holds the weights of source pixels 0..full-1 for output
+    pixel i, resampling pixels [start, start + length) to `size` as PIL does: the filter centred
+    at (i + 0.5) * scale, widened by the scale when shrinking (antialias), cut at the crop edges
+    and normalised. start, length (N,) float; `taps` covers the widest filter."""
+    radius = 1.0 if mode == "bilinear" else 2.0
+    scale = length / size
+    stretch = scale.clamp(min=1)[:, None, None]
+    centre = ((torch.arange(size, device=start.device) + 0.5) * scale[:, None])[..., None]
+    first = (centre - radius * stretch + 0.5).floor()  # (N, S, 1), crop coordinates
+    j = first + torch.arange(taps, device=start.device)  # (N, S, taps)
+    w = pil_filter((j + 0.5 - centre) / stretch, mode) * ((j >= 0) & (j < length[:, None, None]))
+    index = (j + start[:, None, None]).clamp(0, full - 1).long()
+    weights = torch.zeros(len(start), size, full, device=start.device)
+    return weights.scatter_add_(2, index, w / w.sum(-1, keepdim=True))
+
+
 def resized_crop(x, top, left, h, w, flip, size: int, mode: str = "bilinear"):
     """Crop boxes (top, left, h, w) on the CPU, each (k*B,) view-major, of the B images x,
-    resized to size x size and mirrored where `flip`: k crops of every image from one
-    grid_sample. The sampling points are F.interpolate's (align_corners=False), clamped to the
-    crop, as torchvision's resized_crop. When a crop shrinks by 1.5x or more, each output pixel
-    averages m x m sub-samples (a box prefilter against aliasing).
-    x (B, C, H, W) float -> (k*B, C, size, size)."""
+    resized to size x size as PIL's resize (antialiased) and mirrored where `flip`: each view is
+    two matrix products, rows @ image @ columns^T, for all k crops of every image at once.
+    x (B, C, H, W) float in [0, 1] -> (k*B, C, size, size) in [0, 1]."""
     b, c, img_h, img_w = x.shape
     k = top.shape[0] // b
-    m = max(1, round(float(torch.maximum(h, w).max()) / size))
+    taps = math.ceil(2 * (1 if mode == "bilinear" else 2) * max(1.0, float(max(h.max(),
+                                                                               w.max())) / size)) + 1
     top, left, h, w, flip = (to(t, x.device) for t in (top, left, h, w, flip))
-    steps = (torch.arange(size * m, device=x.device) + 0.5) / m  # output pixel centres
-
-    def axis(start, length, full):  # (k*B, size*m) normalised source coordinates
-        src = start[:, None] + steps[None] * (length / size)[:, None] - 0.5
-        src = torch.minimum(torch.maximum(src, start[:, None]), (start + length - 1)[:, None])
-        return (2 * src + 1) / full - 1
-
-    xs, ys = axis(left, w, img_w), axis(top, h, img_h)
-    xs = torch.where(flip[:, None], xs.flip(1), xs)
-    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
-    grid = grid.unflatten(0, (k, b)).permute(1, 2, 0, 3, 4).flatten(2, 3)  # (B, S, k*S, 2)
-    out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
-    out = out.unflatten(3, (k, size * m)).permute(3, 0, 1, 2, 4).flatten(0, 1)  # (k*B, C, S, S)
-    return F.avg_pool2d(out, m) if m > 1 else out
+    rows = resize_weights(top, h, size, img_h, mode, taps).view(k, b, size, img_h)
+    cols = resize_weights(left, w, size, img_w, mode, taps)
+    cols = torch.where(flip[:, None, None], cols.flip(1), cols).view(k, b, size, img_w)
+    rows = rows.transpose(0, 1).reshape(b, k * size, img_h)
+    cols = cols.transpose(0, 1).reshape(b * k, size, img_w).transpose(1, 2)
+    out = torch.bmm(rows, x.transpose(1, 2).reshape(b, img_h, c * img_w))  # (B, k*S, C*W)
+    out = torch.bmm(out.view(b * k, size * c, img_w), cols)  # (B*k, S*C, S)
+    out = out.view(b, k, size, c, size).permute(1, 0, 3, 2, 4)
+    # one pass to the (k*B, C, S, S) layout, clipping bicubic's overshoot as PIL does
+    return torch.clamp(out, 0, 1, out=x.new_empty(k * b, c, size, size).view(out.shape)) \
+        .view(k * b, c, size, size)
 
 
 def gray(x):
@@ -99,54 +123,70 @@ def gray(x):
 def shift_hue(x, shift):
     """torchvision's adjust_hue (RGB -> HSV after Pillow, hue + shift mod 1, HSV -> RGB) in
     closed form: with V = max, C = max - min and the hue h in [0, 6), channel n of the result
-    is V - C clamp(min(k, 4 - k), 0, 1), k = (n + h') mod 6, n = 5, 3, 1 for R, G, B.
+    is V - C clamp(min(k, 4 - k), 0, 1), k = (n + h + 6 shift) mod 6, n = 5, 3, 1 for R, G, B.
+    Arithmetic only (torch.where and % are 10x slower on CPU).
     x (N, 3, H, W) in [0, 1], shift (N, 1, 1, 1)."""
     r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    chroma = maxc - minc
-    c = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
-    h = torch.where(maxc == r, (g - b) / c, torch.where(maxc == g, 2 + (b - r) / c,
-                                                        4 + (r - g) / c))
-    h = (h[:, None] + 6 * shift) % 6  # (N, 1, H, W)
-    k = (x.new_tensor([5.0, 3.0, 1.0])[None, :, None, None] + h) % 6  # (N, 3, H, W)
-    return maxc[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp(0, 1)
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    at_r = (maxc == r).float()  # the first channel holding the max picks the sector
+    at_g = (maxc == g).float() * (1 - at_r)
+    sector = torch.lerp(torch.lerp(r - g + 4 * chroma, b - r + 2 * chroma, at_g), g - b, at_r)
+    k = (sector / chroma.clamp(min=1e-8))[:, None] + 6 * shift \
+        + x.new_tensor(HUE_OFFSETS)[:, None, None]
+    k = k - 6 * torch.floor(k * (1 / 6))  # (N, 3, H, W) in [0, 6)
+    return maxc[:, None] - chroma[:, None] * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
-def _blend(x, other, factor):
-    return (factor * x + (1 - factor) * other).clamp(0, 1)
-
-
-def jitter_op(x, op: int, f, valid=None):
-    """One ColorJitter op with per-image factors f (N, 1, 1, 1): 0 brightness, 1 contrast
-    (blend with the mean luma over `valid` pixels), 2 saturation, 3 hue (shift f)."""
-    if op == 0:
-        return (x * f).clamp(0, 1)
-    if op == 1:
-        luma = gray(x)
-        mean = luma.mean((1, 2, 3), keepdim=True) if valid is None else \
-            (luma * valid).sum((1, 2, 3), keepdim=True) / valid.sum((1, 2, 3), keepdim=True)
-        return _blend(x, mean, f)
-    if op == 2:
-        return _blend(x, gray(x), f)
-    return shift_hue(x, f)
-
-
-def colour_jitter(x, strength, p: float, valid=None):
-    """torchvision's RandomApply([ColorJitter(b, c, s, h)], p) per image: factors b, c, s ~
-    U(max(0, 1 - v), 1 + v), h ~ U(-v, v), the four ops in a random order per image."""
-    n = x.shape[0]
-    active = torch.rand(n) < p
+def jitter_params(n: int, strength, p: float):
+    """torchvision's RandomApply([ColorJitter(b, c, s, h)], p) drawn for n images: applied
+    (N,) bool, factors (N, 4): b, c, s ~ U(max(0, 1 - v), 1 + v), h ~ U(-v, v), and order
+    (N, 4): the op (0 brightness, 1 contrast, 2 saturation, 3 hue) at each position, a random
+    permutation per image."""
+    applied = torch.rand(n) < p
     low = torch.tensor([max(0.0, 1 - v) for v in strength[:3]] + [-strength[3]])
     high = torch.tensor([1 + v for v in strength[:3]] + [strength[3]])
-    factors = low + (high - low) * torch.rand(n, 4)  # (N, 4)
-    order = torch.rand(n, 4).argsort(1)  # a random permutation per image
+    return applied, low + (high - low) * torch.rand(n, 4), torch.rand(n, 4).argsort(1)
+
+
+def blend(x, keep, gray_weight, mean_weight, valid=None):
+    """Brightness, contrast and saturation in one product: clamp(keep x + gray_weight luma(x) +
+    mean_weight mean luma(x)) per image, the mean over the `valid` pixels. Brightness f is
+    (f, 0, 0), contrast (f, 0, 1 - f), saturation (f, 1 - f, 0), no op (1, 0, 0).
+    x (N, 3, H, W), the weights (N,)."""
+    n = x.shape[0]
+    flat, w = x.view(n, 3, -1), x.new_tensor(GRAY)
+    mix = keep[:, None, None] * torch.eye(3, device=x.device) + gray_weight[:, None, None] * w
+    mean = flat.mean(-1) if valid is None else \
+        (flat * valid.view(n, 1, -1)).sum(-1) / valid.view(n, -1).sum(-1, keepdim=True)
+    return torch.baddbmm((mean_weight * (mean @ w))[:, None, None], mix, flat).clamp_(0, 1) \
+        .view_as(x)
+
+
+def colour_jitter(x, params, valid=None):
+    """Applies jitter_params' draws to x (N, 3, H, W) in [0, 1]: at each of the 4 positions,
+    one blend for the images whose op there is brightness, contrast or saturation (the others
+    pass unchanged), then the hue shift of the images whose op there is hue."""
+    applied, factors, order = params
     for position in range(4):
-        for op in range(4):
-            sel = (active & (order[:, position] == op)).nonzero()[:, 0]  # on the CPU: no sync
-            if len(sel):
-                f = to(factors[sel, op][:, None, None, None], x.device)
-                sel = to(sel, x.device)
-                x[sel] = jitter_op(x[sel], op, f, None if valid is None else valid[sel])
+        op = torch.where(applied, order[:, position], -1)  # (N,), -1: not applied
+        f = factors.gather(1, order[:, position, None])[:, 0]
+        keep = torch.where((op >= 0) & (op < 3), f, 1.0)
+        gray_weight = torch.where(op == 2, 1 - f, 0.0)
+        mean_weight = torch.where(op == 1, 1 - f, 0.0)
+        x = blend(x, *(to(t, x.device) for t in (keep, gray_weight, mean_weight)), valid)
+        hue = op == 3
+        x = on_rows(x, hue, lambda y: shift_hue(y, to(f[hue, None, None, None], x.device)))
+    return x
+
+
+def on_rows(x, rows, op):
+    """x with op applied to the images where rows (N,) is True, in place; rows on the CPU, so
+    choosing them never waits for the device."""
+    sel = rows.nonzero()[:, 0]
+    if len(sel):
+        sel = to(sel, x.device)
+        x.index_copy_(0, sel, op(x.index_select(0, sel)))
     return x
 
 
@@ -165,22 +205,24 @@ def gaussian_blur(x, sigma, kernel: int):
     return y.reshape(n, c, h, w)
 
 
+def solarize(x):
+    """PIL's solarize(128) on [0, 1] pixels: 1 - x where x >= 128 / 255."""
+    return torch.lerp(x, 1 - x, (x >= 128 / 255).float())
+
+
 def colour(x, view, valid=None):
-    """The colour ops of a View on a batch: jitter, grayscale, blur, solarisation."""
+    """The colour ops of a View on a batch: jitter, grayscale, blur, solarisation; each image
+    takes an op with its probability."""
     n = x.shape[0]
-
-    def chosen(p):  # (N, 1, 1, 1) on the device: apply to this image?
-        return to(torch.rand(n) < p, x.device)[:, None, None, None]
-
     if view.jitter_p > 0:
-        x = colour_jitter(x, view.jitter, view.jitter_p, valid)
-    x = torch.where(chosen(view.gray_p), gray(x).expand_as(x), x)
-    if view.blur_p > 0:
-        sel, sigma = chosen(view.blur_p), to(torch.empty(n).uniform_(*view.blur_sigma), x.device)
-        if view.blur_kernel > 1:
-            x = torch.where(sel, gaussian_blur(x, sigma, view.blur_kernel), x)
+        x = colour_jitter(x, jitter_params(n, view.jitter, view.jitter_p), valid)
+    x = on_rows(x, torch.rand(n) < view.gray_p, lambda y: gray(y).expand_as(y))
+    if view.blur_p > 0 and view.blur_kernel > 1:
+        rows = torch.rand(n) < view.blur_p
+        sigma = to(torch.empty(int(rows.sum())).uniform_(*view.blur_sigma), x.device)
+        x = on_rows(x, rows, lambda y: gaussian_blur(y, sigma, view.blur_kernel))
     if view.solarize_p > 0:
-        x = torch.where(chosen(view.solarize_p) & (x >= 128 / 255), 1 - x, x)
+        x = on_rows(x, torch.rand(n) < view.solarize_p, solarize)
     return x
 
 
