@@ -29,16 +29,15 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         n = self.num_splits
         if n == 1 or not self.training:
             return super().forward(x)
-        b, c = x.shape[:2]
-        x = x.unflatten(0, (n, b // n)).transpose(0, 1).flatten(1, 2)  # (B/n, n*C, H, W)
-        mean, var = self.running_mean.repeat(n), self.running_var.repeat(n)
-        y = F.batch_norm(x, mean, var, self.weight.repeat(n), self.bias.repeat(n), True,
-                         self.momentum, self.eps)  # updates mean/var: n chunks side by side
+        stats = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(n)]
+        y = torch.cat([F.batch_norm(chunk, mean, var, self.weight, self.bias, True,
+                                    self.momentum, self.eps)  # updates its own mean/var
+                       for chunk, (mean, var) in zip(x.chunk(n), stats)])
         with torch.no_grad():
-            self.running_mean.copy_(mean.view(n, c).mean(0))
-            self.running_var.copy_(var.view(n, c).mean(0))
+            self.running_mean.copy_(torch.stack([mean for mean, _ in stats]).mean(0))
+            self.running_var.copy_(torch.stack([var for _, var in stats]).mean(0))
             self.num_batches_tracked += 1
-        return y.unflatten(1, (n, c)).transpose(0, 1).flatten(0, 1)  # (B, C, H, W)
+        return y  # (B, C, H, W) in x's memory format
 
 
 def official_init(net: nn.Module) -> nn.Module:

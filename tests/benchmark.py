@@ -1,8 +1,9 @@
 """Speed benchmark (not a test), every figure from one run on this machine:
 
 1. views/s of the view pipeline, --augment device against --augment pil with the same
-   DataLoader workers: each method's default views of 32 px synthetic images, loader and view
-   making timed together (the device views on --device);
+   DataLoader workers: each method's views of 32 px images held in memory, at the batch of
+   the step comparison and at the method's default batch; loader and view making timed
+   together (the device views on --device);
 2. training-step images/s, ours against a peer's step on the same work: the same backbone,
    batch, views, precision and threads, inputs already in memory. The peer is the step of
    lightly's examples (examples/pytorch/<method>.py) built from lightly's heads, losses and
@@ -31,6 +32,7 @@ from common.backbone import feature_map, resnet  # noqa: E402
 from common.data import dataset_info  # noqa: E402
 from common.device_views import BatchViews, collate_images, decode  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
+from common.train import keep_freed_memory  # noqa: E402
 
 # the work of each comparison (the settings the issue measured), as pretrain.py flags
 WORK = {"mmcr": ["--batch-size", "32", "--num-views", "4", "--momentum-tau", "0.99",
@@ -87,6 +89,12 @@ def views_per_s(module, flags, augment: str, count: int, device) -> float:
         next_views()
     sync(device)
     return batches * args.batch_size * len(views.views) / (time.perf_counter() - start)
+
+
+def describe_views(module, flags) -> str:
+    """'B x V views' of the method's views under `flags`."""
+    args = module.get_args(flags)
+    return f"{args.batch_size} x {len(module.view_transform(args, dataset_info(args)).views)}"
 
 
 def ours_images_per_s(module, flags, steps: int, warmup: int, device) -> float:
@@ -224,7 +232,9 @@ def peer_densecl(args, device):
 
 
 def peer_msn(args, device):
-    """lightly examples/pytorch/msn.py: masked torchvision ViT, MSNProjectionHead, MSNLoss."""
+    """lightly examples/pytorch/msn.py: masked torchvision ViT, MSNProjectionHead, MSNLoss.
+    The example masks the focal views too; here only the anchor view is masked, as in the
+    official MSN and ours, so both steps push the same tokens through the same networks."""
     import torchvision
     from lightly.loss import MSNLoss
     from lightly.models import utils
@@ -251,7 +261,8 @@ def peer_msn(args, device):
     def step(views):
         utils.update_momentum(anchor, target, 0.996)
         targets = target[1](target[0](images=views[0]))
-        anchors = torch.cat([masked(views[1]), masked(torch.cat(views[2:]))])
+        focal = anchor[1](anchor[0](images=torch.cat(views[2:])))
+        anchors = torch.cat([masked(views[1]), focal])
         loss = criterion(anchors, targets, prototypes.weight.data)
         loss.backward()
         opt.step()
@@ -275,6 +286,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     bench = p.parse_args()
+    keep_freed_memory()  # as the scripts do: every measurement under the same allocator
     torch.set_num_threads(bench.threads)
     device = torch.device(bench.device)
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -282,16 +294,20 @@ def main():
           f"{bench.precision}, torch {torch.__version__}")
     for method in bench.methods:
         module = importlib.import_module(f"{method}.pretrain")
-        flags = ["--dataset", "synthetic", "--device", bench.device, "--precision",
-                 bench.precision, "--threads", str(bench.threads), "--num-workers",
-                 str(bench.num_workers), *WORK[method]]
-        rates = {a: views_per_s(module, flags, a, bench.views, device) for a in ("pil", "device")}
+        common = ["--dataset", "synthetic", "--device", bench.device, "--precision",
+                  bench.precision, "--threads", str(bench.threads), "--num-workers",
+                  str(bench.num_workers)]
+        flags = [*common, *WORK[method]]
+        for batch, batch_flags in (("step's batch", flags), ("default batch", common)):
+            rates = {a: views_per_s(module, batch_flags, a, bench.views, device)
+                     for a in ("pil", "device")}
+            print(f"{method:8s} views/s  device {rates['device']:8.0f}  pil "
+                  f"{rates['pil']:8.0f}  ratio {rates['device'] / rates['pil']:5.2f}   "
+                  f"({batch}: {describe_views(module, batch_flags)})")
         ours = ours_images_per_s(module, [*flags, "--num-workers", "0"], bench.steps,
                                  bench.warmup, device)
         peer = peer_images_per_s(method, flags, bench.steps, bench.warmup, device)
         work = " ".join(WORK[method])
-        print(f"{method:8s} views/s  device {rates['device']:8.0f}  pil {rates['pil']:8.0f}  "
-              f"ratio {rates['device'] / rates['pil']:5.2f}")
         versus = "lightly not installed" if peer is None else \
             f"peer {peer:7.1f}  ratio {ours / peer:5.2f}"
         print(f"{method:8s} step images/s  ours {ours:7.1f}  {versus}   ({work})")

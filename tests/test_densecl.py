@@ -182,6 +182,10 @@ def test_split_batchnorm_matches_per_group_formula():
     bn.eval()
     ref = (x - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + 1e-5)
     torch.testing.assert_close(bn(x), ref * bn.weight[:, None, None] + bn.bias[:, None, None])
+    bn.train()  # channels-last input: the same values, and the layout is kept
+    y_last = bn(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_last, y)
+    assert y_last.is_contiguous(memory_format=torch.channels_last)
 
 
 def influence_groups(fn, x):
