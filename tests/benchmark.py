@@ -3,7 +3,7 @@
 1. views/s of the view pipeline, --augment device against --augment pil with the same
    DataLoader workers: each method's views of 32 px images held in memory, at the batch of
    the step comparison and at the method's default batch; loader and view making timed
-   together (the device views on --device);
+   together (the device views on --device), and the device's view making alone;
 2. training-step images/s, ours against a peer's step on the same work: the same backbone,
    batch, views, precision and threads, inputs already in memory. The peer is the step of
    lightly's examples (examples/pytorch/<method>.py) built from lightly's heads, losses and
@@ -87,6 +87,24 @@ def views_per_s(module, flags, augment: str, count: int, device) -> float:
     start = time.perf_counter()
     for _ in range(batches):
         next_views()
+    sync(device)
+    return batches * args.batch_size * len(views.views) / (time.perf_counter() - start)
+
+
+def views_in_memory_per_s(module, flags, count: int, device) -> float:
+    """Views per second of BatchViews alone, on one batch already on `device`: the view making
+    without the loader."""
+    args = module.get_args([*flags, "--augment", "device"])
+    views = module.view_transform(args, dataset_info(args))
+    ds = InMemory(args.batch_size, decode)
+    images, sizes, _ = collate_images([ds[i] for i in range(len(ds))])
+    images, make = images.to(device), BatchViews(views.views, views.with_boxes)
+    batches = -(-count // (args.batch_size * len(views.views)))
+    make(images, sizes)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        make(images, sizes)
     sync(device)
     return batches * args.batch_size * len(views.views) / (time.perf_counter() - start)
 
@@ -301,8 +319,10 @@ def main():
         for batch, batch_flags in (("step's batch", flags), ("default batch", common)):
             rates = {a: views_per_s(module, batch_flags, a, bench.views, device)
                      for a in ("pil", "device")}
+            alone = views_in_memory_per_s(module, batch_flags, bench.views, device)
             print(f"{method:8s} views/s  device {rates['device']:8.0f}  pil "
                   f"{rates['pil']:8.0f}  ratio {rates['device'] / rates['pil']:5.2f}   "
+                  f"without the loader {alone:8.0f}   "
                   f"({batch}: {describe_views(module, batch_flags)})")
         ours = ours_images_per_s(module, [*flags, "--num-workers", "0"], bench.steps,
                                  bench.warmup, device)
