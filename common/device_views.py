@@ -3,10 +3,12 @@
 The loader only decodes: each image arrives once, as uint8 (3, H, W). BatchViews then draws every
 view's random parameters per image, from the same distributions as the PIL views of
 common/augment.py (the reference, --augment pil), and applies each op to the whole batch with
-tensor ops: one grid_sample for all crops and flips, colour jitter in a random order per image,
-grayscale, Gaussian blur (one grouped convolution), solarisation, normalisation. The parameters
-are drawn with the CPU generator and sent to the device (pinned, non-blocking), so making views
-never waits for the GPU, and a CPU and a GPU run with one seed draw the same views.
+tensor ops: the crops and flips as two matrix products per view (PIL's resampling filter),
+colour jitter in a random order per image (one blend per position, hue only where drawn),
+grayscale, Gaussian blur (one grouped convolution) and solarisation on the images that draw
+them, normalisation. The parameters are drawn with the CPU generator and sent to the device
+(pinned, non-blocking), so making views never waits for the GPU, and a CPU and a GPU run with
+one seed draw the same views.
 """
 import math
 
@@ -16,6 +18,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 HUE_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B: see shift_hue
+RADIUS = {"bilinear": 1.0, "bicubic": 2.0}  # support of PIL's filters, in source pixels
 
 
 def to(t: torch.Tensor, device) -> torch.Tensor:
@@ -82,11 +85,10 @@ def resize_weights(start, length, size: int, full: int, mode: str, taps: int):
     pixel i, resampling pixels [start, start + length) to `size` as PIL does: the filter centred
     at (i + 0.5) * scale, widened by the scale when shrinking (antialias), cut at the crop edges
     and normalised. start, length (N,) float; `taps` covers the widest filter."""
-    radius = 1.0 if mode == "bilinear" else 2.0
     scale = length / size
     stretch = scale.clamp(min=1)[:, None, None]
     centre = ((torch.arange(size, device=start.device) + 0.5) * scale[:, None])[..., None]
-    first = (centre - radius * stretch + 0.5).floor()  # (N, S, 1), crop coordinates
+    first = (centre - RADIUS[mode] * stretch + 0.5).floor()  # (N, S, 1), crop coordinates
     j = first + torch.arange(taps, device=start.device)  # (N, S, taps)
     w = pil_filter((j + 0.5 - centre) / stretch, mode) * ((j >= 0) & (j < length[:, None, None]))
     index = (j + start[:, None, None]).clamp(0, full - 1).long()
@@ -101,8 +103,8 @@ def resized_crop(x, top, left, h, w, flip, size: int, mode: str = "bilinear"):
     x (B, C, H, W) float in [0, 1] -> (k*B, C, size, size) in [0, 1]."""
     b, c, img_h, img_w = x.shape
     k = top.shape[0] // b
-    taps = math.ceil(2 * (1 if mode == "bilinear" else 2) * max(1.0, float(max(h.max(),
-                                                                               w.max())) / size)) + 1
+    widest = max(1.0, float(torch.maximum(h, w).max()) / size)  # the largest shrink factor
+    taps = math.ceil(2 * RADIUS[mode] * widest) + 1
     top, left, h, w, flip = (to(t, x.device) for t in (top, left, h, w, flip))
     rows = resize_weights(top, h, size, img_h, mode, taps).view(k, b, size, img_h)
     cols = resize_weights(left, w, size, img_w, mode, taps)
