@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from common import dist
 from common.augment import MultiView, eval_transform
-from common.device_views import BatchViews, collate_images, decode
+from common.device_views import (ArrayImages, BatchViews, array_images, collate_images,
+                                 decode)
 from common.synthetic import SyntheticShapes
 from common.train import UserError
 
@@ -263,12 +264,18 @@ class PretrainData:
 
 
 def pretrain_data(args, info: DataInfo, views: MultiView, d) -> PretrainData:
-    """Loaders of a pretraining run. --augment device: the workers only decode and BatchViews
-    makes the views on the device; --augment pil: the workers make them with PIL."""
+    """Loaders of a pretraining run. --augment device: the workers only decode (a dataset held
+    as one array needs none) and BatchViews makes the views on the device; --augment pil: the
+    workers make them with PIL."""
     on_device = args.augment == "device"
     transform, collate = (decode, collate_images) if on_device else (views, None)
     ds = load_split(info, args.data_dir, "pretrain", transform, args.seed, args.dev)
-    loader, sampler = train_loader(ds, args.batch_size, args.num_workers, d, args.seed, collate,
+    workers, arrays = args.num_workers, array_images(ds) if on_device else None
+    if arrays is not None:  # nothing to decode: each batch is one index op, no workers
+        ds, collate, workers = arrays, ArrayImages.collate, 0
+        dist.print0(f"data: {len(ds)} images in memory, each batch sliced in this process "
+                    "(the workers serve the kNN monitor)")
+    loader, sampler = train_loader(ds, args.batch_size, workers, d, args.seed, collate,
                                    persistent=on_device)  # decode-only workers draw nothing
     if on_device:
         make = BatchViews(views.views, views.with_boxes)

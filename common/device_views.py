@@ -47,6 +47,45 @@ def collate_images(batch):
     return out, sizes, torch.as_tensor(labels)
 
 
+class ArrayImages(torch.utils.data.Dataset):
+    """A dataset held as one uint8 array (torchvision's CIFAR and STL-10 are), served a batch at
+    a time: the DataLoader hands __getitems__ a batch's indices and the batch is one index op,
+    with no PIL image made and decoded per image and no worker needed.
+    images (N, 3, H, W) uint8, labels (N,) -> batches as collate_images makes them."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices)
+        sizes = torch.tensor(self.images.shape[2:]).expand(len(idx), 2)
+        return self.images[idx], sizes, self.labels[idx]
+
+    @staticmethod
+    def collate(batch):
+        return batch  # __getitems__ made it
+
+
+def array_images(ds) -> ArrayImages | None:
+    """ds, or the dataset under --dev's Subset, as ArrayImages where it keeps its images in a
+    uint8 array `data` (CIFAR: N x H x W x 3, STL-10: N x 3 x H x W); else None."""
+    indices = None
+    if isinstance(ds, torch.utils.data.Subset):
+        ds, indices = ds.dataset, list(ds.indices)
+    data = getattr(ds, "data", None)
+    if str(getattr(data, "dtype", "")) != "uint8" or data.ndim != 4 or 3 not in data.shape[1::2]:
+        return None
+    images = torch.as_tensor(data)  # shares the array's memory
+    images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
+    labels = torch.as_tensor(ds.targets if hasattr(ds, "targets") else ds.labels).long()
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
+    return ArrayImages(images.contiguous(), labels)
+
+
 def crop_params(sizes: torch.Tensor, scale, ratio=(3 / 4, 4 / 3), attempts: int = 10):
     """torchvision's RandomResizedCrop.get_params for every image at once: up to 10 draws of
     area ~ U(scale) x image area and log aspect ~ U(log ratio), the first that fits wins, else
@@ -214,47 +253,64 @@ def solarize(x):
     return torch.lerp(x, 1 - x, (x >= 128 / 255).float())
 
 
-def colour(x, view, valid=None):
+def colour(x, view, valid=None, chances=None):
     """The colour ops of a View on a batch: jitter, grayscale, blur, solarisation; each image
-    takes an op with its probability."""
+    takes an op with its probability: the view's, or per image from chances (N, 3) (grayscale,
+    blur, solarisation) on the CPU."""
     n = x.shape[0]
+    if chances is None:
+        chances = torch.tensor([view.gray_p, view.blur_p, view.solarize_p]).expand(n, 3)
+    gray_p, blur_p, solarize_p = chances.unbind(1)
     if view.jitter_p > 0:
         x = colour_jitter(x, jitter_params(n, view.jitter, view.jitter_p), valid)
-    x = on_rows(x, torch.rand(n) < view.gray_p, lambda y: gray(y).expand_as(y))
-    if view.blur_p > 0 and view.blur_kernel > 1:
-        rows = torch.rand(n) < view.blur_p
+    x = on_rows(x, torch.rand(n) < gray_p, lambda y: gray(y).expand_as(y))
+    if view.blur_kernel > 1 and bool((blur_p > 0).any()):
+        rows = torch.rand(n) < blur_p
         sigma = to(torch.empty(int(rows.sum())).uniform_(*view.blur_sigma), x.device)
         x = on_rows(x, rows, lambda y: gaussian_blur(y, sigma, view.blur_kernel))
-    if view.solarize_p > 0:
-        x = on_rows(x, torch.rand(n) < view.solarize_p, solarize)
+    if bool((solarize_p > 0).any()):
+        x = on_rows(x, torch.rand(n) < solarize_p, solarize)
     return x
+
+
+def shared(view) -> tuple:
+    """What views made together share: all their settings but the probabilities of grayscale,
+    blur and solarisation, which may differ per image (NNCLR's and BYOL's two views)."""
+    return (view.size, view.scale, view.interpolation_mode, view.colour_first, view.jitter,
+            view.jitter_p, view.blur_kernel, view.blur_sigma, tuple(view.mean), tuple(view.std))
 
 
 class BatchViews:
     """Makes the views of `views` (common.augment.View) for a batch on its device:
     (uint8 images (B, 3, H, W), sizes (B, 2)) -> list of V float (B, 3, s_v, s_v), and with
     `with_boxes` also boxes (B, V, 5) = (top, left, height, width, flipped), as fractions of
-    each image, the same as MultiView's. The k views that share one View are made together."""
+    each image, the same as MultiView's. The k views with the same shared() settings are made
+    together, as one batch of k*B."""
 
     def __init__(self, views, with_boxes: bool = False):
         self.views, self.with_boxes = list(views), with_boxes
-        self.groups = {}  # View -> the positions it fills, in order
+        self.groups = {}  # shared settings -> the positions they fill, in order
         for i, view in enumerate(self.views):
-            self.groups.setdefault(view, []).append(i)
+            self.groups.setdefault(shared(view), []).append(i)
 
     def __call__(self, images: torch.Tensor, sizes: torch.Tensor):
         """images on the device, sizes on the CPU."""
-        x, b = images.float() / 255, images.shape[0]
+        x, b = images.float().div_(255), images.shape[0]
         out, boxes = [None] * len(self.views), [None] * len(self.views)
-        for view, positions in self.groups.items():
-            views, box = self.make(view, x, sizes, len(positions))  # (k*B, 3, s, s), (k*B, 5)
+        for positions in self.groups.values():
+            group = [self.views[i] for i in positions]
+            views, box = self.make(group, x, sizes)  # (k*B, 3, s, s), (k*B, 5)
             for j, i in enumerate(positions):
                 out[i], boxes[i] = views[j * b:(j + 1) * b], box[j * b:(j + 1) * b]
         return (out, torch.stack(boxes, 1)) if self.with_boxes else out
 
     @staticmethod
-    def make(view, x, sizes, k: int):
-        """k views of every image of x (B, 3, H, W) in [0, 1], view-major."""
+    def make(group, x, sizes):
+        """The views of `group` (k Views of the same shared() settings) of every image of x
+        (B, 3, H, W) in [0, 1], view-major."""
+        view, k, b = group[0], len(group), x.shape[0]
+        chances = torch.tensor([[v.gray_p, v.blur_p, v.solarize_p] for v in group])
+        chances = chances.repeat_interleave(b, 0)  # (k*B, 3)
         sizes = sizes.repeat(k, 1)  # (k*B, 2)
         top, left, h, w = crop_params(sizes, view.scale)
         flip = torch.rand(sizes.shape[0]) < 0.5
@@ -262,14 +318,13 @@ class BatchViews:
             x = x.repeat(k, 1, 1, 1)
             rows = torch.arange(x.shape[2])[None, :, None] < sizes[:, :1, None]
             cols = torch.arange(x.shape[3])[None, None, :] < sizes[:, 1:, None]
-            x = colour(x, view, to((rows & cols)[:, None].float(), x.device))
-            b = x.shape[0] // k
+            x = colour(x, view, to((rows & cols)[:, None].float(), x.device), chances)
             v = torch.cat([resized_crop(x[j * b:(j + 1) * b], *(t[j * b:(j + 1) * b] for t in
                                         (top, left, h, w, flip)), view.size,
                                         view.interpolation_mode) for j in range(k)])
         else:
             v = colour(resized_crop(x, top, left, h, w, flip, view.size,
-                                    view.interpolation_mode), view)
+                                    view.interpolation_mode), view, chances=chances)
         mean, std = (v.new_tensor(s)[:, None, None] for s in (view.mean, view.std))
         img_h, img_w = sizes.float().unbind(1)
         box = torch.stack([top / img_h, left / img_w, h / img_h, w / img_w, flip.float()], 1)

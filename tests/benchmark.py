@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from common.backbone import feature_map, resnet  # noqa: E402
 from common.data import dataset_info  # noqa: E402
-from common.device_views import BatchViews, collate_images, decode  # noqa: E402
+from common.device_views import ArrayImages, BatchViews, array_images, decode  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
 from common.train import keep_freed_memory  # noqa: E402
 
@@ -48,33 +49,36 @@ def sync(device):
 
 
 class InMemory(torch.utils.data.Dataset):
-    """32 px images held in memory as PIL images (as torchvision's CIFAR-10 serves them), so
-    the views/s figure measures the view pipeline, not the image source."""
+    """32 px images held as torchvision's CIFAR-10 holds them, one uint8 array N x H x W x 3
+    with a PIL image made per item, so the views/s figure measures the view pipeline, not the
+    image source."""
 
     def __init__(self, n: int, transform):
         shapes = SyntheticShapes(n, 32, 0)
-        self.images = [shapes[i] for i in range(n)]
+        self.data = torch.stack([decode(shapes[i][0]) for i in range(n)]).permute(0, 2, 3, 1)
+        self.data, self.targets = self.data.numpy(), shapes.targets
         self.transform = transform
 
     def __len__(self):
-        return len(self.images)
+        return len(self.data)
 
     def __getitem__(self, i):
-        img, label = self.images[i]
-        return self.transform(img), label
+        return self.transform(Image.fromarray(self.data[i])), self.targets[i]
 
 
 def views_per_s(module, flags, augment: str, count: int, device) -> float:
     """Views per second of loader + view making with the method's views, over at least
-    `count` views after one untimed batch (worker start): PIL views in the workers, or decode
-    in the workers and BatchViews on `device`."""
+    `count` views after one untimed batch (worker start): PIL views in the workers, or, as
+    pretrain.py does, batches sliced from the array and BatchViews on `device`."""
     args = module.get_args([*flags, "--augment", augment])
     views = module.view_transform(args, dataset_info(args))
     batches = -(-count // (args.batch_size * len(views.views)))
+    ds = InMemory(args.batch_size * (batches + 1), views)
     on_device = augment == "device"
-    ds = InMemory(args.batch_size * (batches + 1), decode if on_device else views)
-    loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers,
-                                         collate_fn=collate_images if on_device else None)
+    loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers)
+    if on_device:  # common/data.py pretrain_data: an array dataset needs no workers
+        loader = torch.utils.data.DataLoader(array_images(ds), args.batch_size,
+                                             collate_fn=ArrayImages.collate)
     make = BatchViews(views.views, views.with_boxes)
     batch_iter = iter(loader)
 
@@ -96,8 +100,8 @@ def views_in_memory_per_s(module, flags, count: int, device) -> float:
     without the loader."""
     args = module.get_args([*flags, "--augment", "device"])
     views = module.view_transform(args, dataset_info(args))
-    ds = InMemory(args.batch_size, decode)
-    images, sizes, _ = collate_images([ds[i] for i in range(len(ds))])
+    images, sizes, _ = array_images(InMemory(args.batch_size, None)).__getitems__(
+        range(args.batch_size))
     images, make = images.to(device), BatchViews(views.views, views.with_boxes)
     batches = -(-count // (args.batch_size * len(views.views)))
     make(images, sizes)

@@ -66,6 +66,21 @@ def test_flip_and_grayscale_rates_and_jitter_probability():
     assert ks_distance(factor[applied], uniform) < ks_limit(len(uniform), len(uniform))
 
 
+def test_views_made_together_keep_their_own_probabilities():
+    # NNCLR's two views differ only in solarisation: one batch of 2B, each keeps its chances
+    torch.manual_seed(0)
+    plain = View(8, MEAN, STD, scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.0)
+    dark = View(8, MEAN, STD, scale=(1.0, 1.0), jitter_p=0.0, gray_p=1.0, solarize_p=1.0)
+    make = dv.BatchViews([plain, dark, plain])
+    assert len(make.groups) == 1
+    images = (torch.rand(64, 3, 8, 8) * 255).to(torch.uint8)
+    first, second, third = make(images, torch.tensor([[8, 8]] * 64))
+    for out in (first, third):  # never grayscale
+        assert ((out[:, 0] - out[:, 1]).abs().amax((1, 2)) > 0.01).all()
+    assert (second[:, 0] == second[:, 1]).all() and (second[:, 1] == second[:, 2]).all()
+    assert float(second.max()) < 128 / 255 < float(first.max())  # every bright pixel inverted
+
+
 def test_jitter_orders_are_uniform_permutations():
     torch.manual_seed(0)
     n = 4800
@@ -159,6 +174,42 @@ def test_boxes_locate_the_crop_and_views_follow_the_pil_pipeline():
     torch.testing.assert_close(seen, torch.stack([left, left + w], 1), atol=0.05, rtol=0)
     pil = MultiView([view] * 2)(Image.fromarray((ramp[0].permute(1, 2, 0) * 255).byte().numpy()))
     assert [v.shape for v in pil] == [out.shape[1:]] * 2 and out.dtype == pil[0].dtype
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Stands in for torchvision's CIFAR-10 (N x H x W x 3 array, `targets` list) or STL-10
+    (N x 3 x H x W, `labels` array): a PIL image per item, then the loader's decode."""
+
+    def __init__(self, channels_last: bool):
+        torch.manual_seed(0)
+        images = (torch.rand(40, 7, 6, 3) * 255).byte()
+        self.data = (images if channels_last else images.permute(0, 3, 1, 2)).numpy()
+        if channels_last:
+            self.targets = list(range(40))
+        else:
+            self.labels = torch.arange(40).numpy() - 1  # -1: unlabelled
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image = self.data[i] if hasattr(self, "targets") else self.data[i].transpose(1, 2, 0)
+        label = self.targets[i] if hasattr(self, "targets") else int(self.labels[i])
+        return dv.decode(Image.fromarray(image)), label
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_array_datasets_give_the_batches_of_the_per_image_path(channels_last):
+    ds = torch.utils.data.Subset(ArrayDataset(channels_last), range(32))  # as --dev 32
+    order = torch.randperm(32).tolist()
+    fast = torch.utils.data.DataLoader(dv.array_images(ds), 8, sampler=order,
+                                       collate_fn=dv.ArrayImages.collate)
+    slow = torch.utils.data.DataLoader(ds, 8, sampler=order, collate_fn=dv.collate_images)
+    batches = list(zip(fast, slow))
+    assert len(batches) == 4
+    for ours, reference in batches:  # images (8, 3, 7, 6), sizes (8, 2), labels (8,)
+        assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+    assert dv.array_images(torch.utils.data.TensorDataset(torch.zeros(4))) is None  # no array
 
 
 def test_padded_images_of_different_sizes():
