@@ -211,15 +211,16 @@ def colour_jitter(x, params, valid=None):
     one blend for the images whose op there is brightness, contrast or saturation (the others
     pass unchanged), then the hue shift of the images whose op there is hue."""
     applied, factors, order = params
+    op = torch.where(applied[:, None], order, -1)  # (N, 4): the op at each position, -1 none
+    f = factors.gather(1, order)  # (N, 4): its factor
+    weights = to(torch.stack([torch.where((op >= 0) & (op < 3), f, 1.0),  # blend's keep,
+                              torch.where(op == 2, 1 - f, 0.0),  # gray_weight,
+                              torch.where(op == 1, 1 - f, 0.0)]), x.device)  # mean_weight
     for position in range(4):
-        op = torch.where(applied, order[:, position], -1)  # (N,), -1: not applied
-        f = factors.gather(1, order[:, position, None])[:, 0]
-        keep = torch.where((op >= 0) & (op < 3), f, 1.0)
-        gray_weight = torch.where(op == 2, 1 - f, 0.0)
-        mean_weight = torch.where(op == 1, 1 - f, 0.0)
-        x = blend(x, *(to(t, x.device) for t in (keep, gray_weight, mean_weight)), valid)
-        hue = op == 3
-        x = on_rows(x, hue, lambda y: shift_hue(y, to(f[hue, None, None, None], x.device)))
+        x = blend(x, *weights[:, :, position], valid)
+        hue = op[:, position] == 3
+        shift = to(f[hue, position, None, None, None], x.device)
+        x = on_rows(x, hue, lambda y: shift_hue(y, shift))
     return x
 
 
