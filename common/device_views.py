@@ -61,7 +61,7 @@ class ArrayImages(torch.utils.data.Dataset):
 
     def __getitems__(self, indices):
         idx = torch.as_tensor(indices)
-        sizes = torch.tensor(self.images.shape[2:]).expand(len(idx), 2)
+        sizes = torch.tensor(self.images.shape[2:]).repeat(len(idx), 1)  # (B, 2)
         return self.images[idx], sizes, self.labels[idx]
 
     @staticmethod
