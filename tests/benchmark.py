@@ -93,10 +93,11 @@ def views_per_s(module, flags, augment: str, count: int, device) -> float:
     batches = -(-count // (3 * per_batch))
     ds = InMemory(args.batch_size * (3 * batches + 1), views)
     on_device = augment == "device"
-    loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers)
     if on_device:  # common/data.py pretrain_data: an array dataset needs no workers
         loader = torch.utils.data.DataLoader(array_images(ds), args.batch_size,
                                              collate_fn=ArrayImages.collate)
+    else:
+        loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers)
     make = BatchViews(views.views, views.with_boxes)
     batch_iter = iter(loader)
 
