@@ -1,72 +1,92 @@
-"""View pipelines: one random view, a multi-view wrapper and the evaluation transforms.
+"""Views, defined once: a View holds the settings of one random view, and two executors read
+it. MultiView (here) makes views of one PIL image in the DataLoader workers, the reference
+(--augment pil); common/device_views.py makes them for a whole batch on the training device
+(--augment device, the default). A new view option is one field here plus its op in each.
 
 Every random draw goes through torch's RNG, which DataLoader seeds differently in each worker
 and each epoch, so the views of one image differ from each other, across workers and epochs.
 """
+from dataclasses import dataclass
+
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as F
 
 INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
+BLUR_SIGMA = (0.1, 2.0)  # Gaussian blur sigma ~ U(0.1, 2.0), as BYOL and MoCo v2
 
 
+@dataclass(frozen=True)
 class View:
-    """One random view of a PIL image: crop and flip (geometry reported as a box), colour jitter,
-    grayscale, optional blur and solarisation, then ToTensor and Normalize.
+    """One random view: random resized crop (`scale`, aspect 3/4-4/3) and flip, colour jitter
+    (brightness, contrast, saturation, hue strengths) with chance `jitter_p` in a random order,
+    grayscale, Gaussian blur and solarisation with their chances, then normalisation.
+    `colour_first` applies the colour ops before the crop (MMCR's STL-10 recipe)."""
+    size: int
+    mean: tuple
+    std: tuple
+    scale: tuple = (0.08, 1.0)
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    solarize_p: float = 0.0
+    colour_first: bool = False
+    interpolation: str = "bilinear"
 
-    Returns (tensor (C, size, size), box) where box = (top, left, height, width, flipped) with the
-    crop given as fractions of the source image, so a method can map view cells to image cells.
-    `colour_first` applies the colour ops before the crop (MMCR's STL-10 recipe). The settings
-    stay readable as attributes: common.device_views.BatchViews makes the same view on a batch."""
+    def __post_init__(self):  # tuples, so that views can be compared and grouped
+        for name in ("mean", "std", "scale", "jitter"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
 
-    def __init__(self, size, mean, std, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1),
-                 jitter_p=0.8, gray_p=0.2, blur_p=0.0, solarize_p=0.0, colour_first=False,
-                 interpolation="bilinear"):
-        self.size, self.mean, self.std, self.scale = size, mean, std, scale
-        self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
-        self.blur_p, self.solarize_p, self.colour_first = blur_p, solarize_p, colour_first
-        # blur kernel about 10% of the image, sigma ~ U(0.1, 2.0) as in BYOL/MoCo v2
-        self.blur_kernel, self.blur_sigma = size // 20 * 2 + 1, (0.1, 2.0)
-        self.interpolation_mode = interpolation
-        self.interpolation = INTERPOLATION[interpolation]
-        colour = [T.RandomApply([T.ColorJitter(*jitter)], p=jitter_p), T.RandomGrayscale(gray_p)]
-        if blur_p > 0:
-            colour.append(T.RandomApply([T.GaussianBlur(self.blur_kernel, self.blur_sigma)],
-                                        blur_p))
-        if solarize_p > 0:  # PIL uint8 image: threshold 128 is the usual "> half" solarisation
-            colour.append(T.RandomSolarize(128, p=solarize_p))
-        self.colour = T.Compose(colour)
-        self.finish = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+    @property
+    def blur_kernel(self) -> int:
+        """About 10% of the image, odd."""
+        return self.size // 20 * 2 + 1
 
-    def __call__(self, img):
-        if self.colour_first:
-            img = self.colour(img)
-        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
-        img = F.resized_crop(img, top, left, h, w, [self.size, self.size], self.interpolation)
-        flipped = bool(torch.rand(1) < 0.5)
-        if flipped:
-            img = F.hflip(img)
-        if not self.colour_first:
-            img = self.colour(img)
-        return self.finish(img), (top, left, h, w, flipped)
+
+def pil_colour(view: View) -> T.Compose:
+    """The colour ops of `view` as torchvision transforms of a PIL image."""
+    ops = [T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p),
+           T.RandomGrayscale(view.gray_p)]
+    if view.blur_p > 0:
+        ops.append(T.RandomApply([T.GaussianBlur(view.blur_kernel, BLUR_SIGMA)], view.blur_p))
+    if view.solarize_p > 0:  # PIL uint8 image: threshold 128 is the usual "> half"
+        ops.append(T.RandomSolarize(128, p=view.solarize_p))
+    return T.Compose(ops)
+
+
+def pil_view(view: View, colour: T.Compose, img):
+    """One view of the PIL image `img`: (tensor (C, size, size), box), box = (top, left,
+    height, width, flipped) in pixels of `img`; `colour` is pil_colour(view)."""
+    if view.colour_first:
+        img = colour(img)
+    top, left, h, w = T.RandomResizedCrop.get_params(img, view.scale, (3 / 4, 4 / 3))
+    img = F.resized_crop(img, top, left, h, w, [view.size, view.size],
+                         INTERPOLATION[view.interpolation])
+    flipped = bool(torch.rand(1) < 0.5)
+    if flipped:
+        img = F.hflip(img)
+    if not view.colour_first:
+        img = colour(img)
+    return F.normalize(F.to_tensor(img), view.mean, view.std), (top, left, h, w, flipped)
 
 
 class MultiView:
-    """Applies each View in `views` to the same image: returns a list of V tensors, or
-    (list, boxes (V, 5)) with `with_boxes`, boxes as fractions of the source image."""
+    """The PIL executor: each View of `views` applied to the same image. Returns a list of V
+    tensors, or (list, boxes (V, 5)) with `with_boxes`, boxes as fractions of the image."""
 
-    def __init__(self, views, with_boxes=False):
+    def __init__(self, views: list, with_boxes: bool = False):
         self.views, self.with_boxes = list(views), with_boxes
+        self.colours = [pil_colour(view) for view in self.views]
 
     def __call__(self, img):
         width, height = img.size
-        out = [view(img) for view in self.views]
+        out = [pil_view(view, colour, img) for view, colour in zip(self.views, self.colours)]
         tensors = [t for t, _ in out]
         if not self.with_boxes:
             return tensors
         scale = torch.tensor([height, width, height, width, 1.0])
-        boxes = torch.tensor([box for _, box in out], dtype=torch.float32) / scale
-        return tensors, boxes
+        return tensors, torch.tensor([box for _, box in out], dtype=torch.float32) / scale
 
 
 def eval_transform(size, mean, std, resize=None):

@@ -11,10 +11,12 @@ them, normalisation. The parameters are drawn with the CPU generator and sent to
 one seed draw the same views.
 """
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.functional import pil_to_tensor
+
+from common.augment import BLUR_SIGMA, View
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 HUE_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B: see shift_hue
@@ -26,64 +28,6 @@ def to(t: torch.Tensor, device) -> torch.Tensor:
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def decode(img) -> torch.Tensor:
-    """The loader's only transform: a PIL image as uint8 (3, H, W)."""
-    return pil_to_tensor(img)
-
-
-def collate_images(batch):
-    """[(uint8 (3, H_i, W_i), label)] -> uint8 (B, 3, H, W) zero-padded to the largest image,
-    sizes (B, 2) as (H_i, W_i), labels (B,)."""
-    images, labels = zip(*batch)
-    sizes = torch.tensor([img.shape[1:] for img in images])
-    if (sizes == sizes[0]).all():  # one size (CIFAR, STL-10): a single copy
-        return torch.stack(images), sizes, torch.as_tensor(labels)
-    h, w = sizes.max(0).values.tolist()
-    out = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)
-    for i, img in enumerate(images):
-        out[i, :, :img.shape[1], :img.shape[2]] = img
-    return out, sizes, torch.as_tensor(labels)
-
-
-class ArrayImages(torch.utils.data.Dataset):
-    """A dataset held as one uint8 array (torchvision's CIFAR and STL-10 are), served a batch at
-    a time: the DataLoader hands __getitems__ a batch's indices and the batch is one index op,
-    with no PIL image made and decoded per image and no worker needed.
-    images (N, 3, H, W) uint8, labels (N,) -> batches as collate_images makes them."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitems__(self, indices):
-        idx = torch.as_tensor(indices)
-        sizes = torch.tensor(self.images.shape[2:]).repeat(len(idx), 1)  # (B, 2)
-        return self.images[idx], sizes, self.labels[idx]
-
-    @staticmethod
-    def collate(batch):
-        return batch  # __getitems__ made it
-
-
-def array_images(ds) -> ArrayImages | None:
-    """ds, or the dataset under --dev's Subset, as ArrayImages where it keeps its images in a
-    uint8 array `data` (CIFAR: N x H x W x 3, STL-10: N x 3 x H x W); else None."""
-    indices = None
-    if isinstance(ds, torch.utils.data.Subset):
-        ds, indices = ds.dataset, list(ds.indices)
-    data = getattr(ds, "data", None)
-    if str(getattr(data, "dtype", "")) != "uint8" or data.ndim != 4 or 3 not in data.shape[1::2]:
-        return None
-    images = torch.as_tensor(data)  # shares the array's memory
-    images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
-    labels = torch.as_tensor(ds.targets if hasattr(ds, "targets") else ds.labels).long()
-    if indices is not None:
-        images, labels = images[indices], labels[indices]
-    return ArrayImages(images.contiguous(), labels)
 
 
 def crop_params(sizes: torch.Tensor, scale, ratio=(3 / 4, 4 / 3), attempts: int = 10):
@@ -267,22 +211,22 @@ def colour(x, view, valid=None, chances=None):
     x = on_rows(x, torch.rand(n) < gray_p, lambda y: gray(y).expand_as(y))
     if view.blur_kernel > 1 and bool((blur_p > 0).any()):
         rows = torch.rand(n) < blur_p
-        sigma = to(torch.empty(int(rows.sum())).uniform_(*view.blur_sigma), x.device)
+        sigma = to(torch.empty(int(rows.sum())).uniform_(*BLUR_SIGMA), x.device)
         x = on_rows(x, rows, lambda y: gaussian_blur(y, sigma, view.blur_kernel))
     if bool((solarize_p > 0).any()):
         x = on_rows(x, torch.rand(n) < solarize_p, solarize)
     return x
 
 
-def shared(view) -> tuple:
-    """What views made together share: all their settings but the probabilities of grayscale,
-    blur and solarisation, which may differ per image (NNCLR's and BYOL's two views)."""
-    return (view.size, view.scale, view.interpolation_mode, view.colour_first, view.jitter,
-            view.jitter_p, view.blur_kernel, view.blur_sigma, tuple(view.mean), tuple(view.std))
+def shared(view: View) -> View:
+    """What views made together share: all their settings but the chances of grayscale, blur
+    and solarisation, which may differ per image (NNCLR's and BYOL's two views)."""
+    return replace(view, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
 class BatchViews:
-    """Makes the views of `views` (common.augment.View) for a batch on its device:
+    """The device executor: makes the views of `views` (common.augment.View) for a batch on its
+    device:
     (uint8 images (B, 3, H, W), sizes (B, 2)) -> list of V float (B, 3, s_v, s_v), and with
     `with_boxes` also boxes (B, V, 5) = (top, left, height, width, flipped), as fractions of
     each image, the same as MultiView's. The k views with the same shared() settings are made
@@ -322,10 +266,10 @@ class BatchViews:
             x = colour(x, view, to((rows & cols)[:, None].float(), x.device), chances)
             v = torch.cat([resized_crop(x[j * b:(j + 1) * b], *(t[j * b:(j + 1) * b] for t in
                                         (top, left, h, w, flip)), view.size,
-                                        view.interpolation_mode) for j in range(k)])
+                                        view.interpolation) for j in range(k)])
         else:
             v = colour(resized_crop(x, top, left, h, w, flip, view.size,
-                                    view.interpolation_mode), view, chances=chances)
+                                    view.interpolation), view, chances=chances)
         mean, std = (v.new_tensor(s)[:, None, None] for s in (view.mean, view.std))
         img_h, img_w = sizes.float().unbind(1)
         box = torch.stack([top / img_h, left / img_w, h / img_h, w / img_w, flip.float()], 1)

@@ -32,8 +32,8 @@ import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common.backbone import feature_map, resnet  # noqa: E402
-from common.data import dataset_info  # noqa: E402
-from common.device_views import ArrayImages, BatchViews, array_images, decode  # noqa: E402
+from common.data import ArrayImages, array_images, dataset_info, decode  # noqa: E402
+from common.device_views import BatchViews  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
 from common.train import keep_freed_memory  # noqa: E402
 

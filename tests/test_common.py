@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import dist
-from common.augment import MultiView, View
+from common.augment import MultiView, View, pil_colour, pil_view
 from common.knn import accuracy, knn_classify
 from common.lars import LARS
 from common.synthetic import SyntheticShapes
@@ -118,7 +118,7 @@ def test_box_locates_the_crop_in_the_source_image():
     view = View(32, (0.0,) * 3, (1.0,) * 3, jitter_p=0.0, gray_p=0.0)
     torch.manual_seed(1)
     for _ in range(5):
-        x, (top, left, h, w, flipped) = view(img)
+        x, (top, left, h, w, flipped) = pil_view(view, pil_colour(view), img)
         edges = (left / 64, (left + w) / 64)
         seen = (x[0, 16, 0].item(), x[0, 16, -1].item())
         seen = seen[::-1] if flipped else seen

@@ -9,6 +9,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from common import data
 from common import device_views as dv
 from common.augment import MultiView, View
 
@@ -195,26 +196,26 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = self.data[i] if hasattr(self, "targets") else self.data[i].transpose(1, 2, 0)
         label = self.targets[i] if hasattr(self, "targets") else int(self.labels[i])
-        return dv.decode(Image.fromarray(image)), label
+        return data.decode(Image.fromarray(image)), label
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_array_datasets_give_the_batches_of_the_per_image_path(channels_last):
     ds = torch.utils.data.Subset(ArrayDataset(channels_last), range(32))  # as --dev 32
     order = torch.randperm(32).tolist()
-    fast = torch.utils.data.DataLoader(dv.array_images(ds), 8, sampler=order,
-                                       collate_fn=dv.ArrayImages.collate)
-    slow = torch.utils.data.DataLoader(ds, 8, sampler=order, collate_fn=dv.collate_images)
+    fast = torch.utils.data.DataLoader(data.array_images(ds), 8, sampler=order,
+                                       collate_fn=data.ArrayImages.collate)
+    slow = torch.utils.data.DataLoader(ds, 8, sampler=order, collate_fn=data.collate_images)
     batches = list(zip(fast, slow))
     assert len(batches) == 4
     for ours, reference in batches:  # images (8, 3, 7, 6), sizes (8, 2), labels (8,)
         assert all(torch.equal(a, b) for a, b in zip(ours, reference))
-    assert dv.array_images(torch.utils.data.TensorDataset(torch.zeros(4))) is None  # no array
+    assert data.array_images(torch.utils.data.TensorDataset(torch.zeros(4))) is None  # no array
 
 
 def test_padded_images_of_different_sizes():
     images = [(torch.rand(3, 20, 30) * 255).byte(), (torch.rand(3, 40, 10) * 255).byte()]
-    batch, sizes, labels = dv.collate_images([(images[0], 0), (images[1], 1)])
+    batch, sizes, labels = data.collate_images([(images[0], 0), (images[1], 1)])
     assert batch.shape == (2, 3, 40, 30) and sizes.tolist() == [[20, 30], [40, 10]]
     assert torch.equal(batch[1, :, :40, :10], images[1]) and batch[1, :, :, 10:].sum() == 0
     torch.manual_seed(0)
