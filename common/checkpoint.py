@@ -9,12 +9,13 @@ import torch
 import torch.distributed as dist
 
 from common.dist import print0
-from common.train import UserError
+from common.errors import UserError
 
 # flags that may change when a run is resumed; any other difference is refused
 RESUMABLE = {"resume", "num_workers", "eval_every", "log_every", "save_every", "compile",
              "output_dir", "data_dir", "device", "explicit", "threads", "checkpoint_every",
              "max_epochs", "dist_timeout"}
+RENAMED = {"momentum_tau": "ema"}  # flags renamed since: a checkpoint's args read the new way
 
 
 def rng_state(loader_generator=None) -> dict:
@@ -81,8 +82,9 @@ def resolve_output_dir(args, method: str) -> Path:
     return Path("runs", method, f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def resume_path(args, out_dir: Path):
+def resume_path(args):
     """The checkpoint to resume from (None: fresh start). Refuses to overwrite a run silently."""
+    out_dir = Path(args.output_dir)
     if args.resume == "auto":
         return out_dir / "last.pt" if (out_dir / "last.pt").is_file() else None
     if args.resume:
@@ -100,7 +102,8 @@ def restore(ckpt_path, method, args, model, optimizer, scaler, d, loader_generat
     ckpt = load_checkpoint(ckpt_path, method)
     if "optimizer" not in ckpt:
         raise UserError(f"{ckpt_path} holds weights only (a best.pt): resume from last.pt")
-    changed = sorted(k for k, v in ckpt["args"].items()
+    saved = {RENAMED.get(k, k): v for k, v in ckpt["args"].items()}
+    changed = sorted(k for k, v in saved.items()
                      if k not in RESUMABLE and vars(args).get(k, v) != v)
     if changed or ckpt["world_size"] != d.world_size:
         what = changed or [f"world size {ckpt['world_size']} -> {d.world_size}"]

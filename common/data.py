@@ -1,9 +1,9 @@
-"""Datasets (cifar10, cifar100, stl10, imagefolder, synthetic) and the loaders built on them.
+"""Datasets (cifar10, cifar100, stl10, imagefolder, synthetic), their statistics and recipe family,
+and the uint8 form the device views start from (the loaders are common/loaders.py).
 
 Splits: "pretrain" (STL-10: train+unlabeled; a flat image folder is accepted, unlabeled),
 "train" (labelled, the kNN bank and finetune set) and "test".
 """
-import itertools
 import os
 import sys
 from dataclasses import dataclass
@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
 from common import dist
-from common.augment import MultiView, eval_transform
-from common.device_views import BatchViews
 from common.synthetic import SyntheticShapes
-from common.train import UserError
+from common.errors import UserError
+
+DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
+FAMILIES = ["cifar", "stl10", "imagenet"]  # the kinds of data a recipe is written for
 
 # image size, mean, std of each dataset, and of the data each recipe family is written for
 # (CIFAR-10 and STL-10 constants of the official MMCR code, mmcr/cifar_stl/data.py)
@@ -30,6 +31,7 @@ DATASET_STATS = {"cifar10": CIFAR10, "cifar100": (32, (0.5071, 0.4865, 0.4409),
                                              (0.2673, 0.2564, 0.2762)),
             "stl10": STL10, "synthetic": (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
 FAMILY_STATS = {"cifar": CIFAR10, "stl10": STL10, "imagenet": IMAGENET}
+SYNTHETIC_IMAGES = (10_000, 2_000)  # train, test
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -72,6 +74,19 @@ def resolve_data(args) -> None:
     size, mean, std = DATASET_STATS.get(args.dataset) or FAMILY_STATS[args.recipe]
     args.image_size = args.image_size or size
     args.mean, args.std = list(args.mean or mean), list(args.std or std)
+
+
+def pretrain_images(args) -> int:
+    """How many images the pretraining split holds (after --dev), counted without loading it:
+    the training-set size that queue lengths are checked against at start."""
+    if args.dataset == "imagefolder":
+        root = Path(args.data_dir) / "train" if (Path(args.data_dir) / "train").is_dir() \
+            else Path(args.data_dir)
+        n = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*"))
+    else:
+        n = {"synthetic": SYNTHETIC_IMAGES[0], "cifar10": 50_000, "cifar100": 50_000,
+             "stl10": 105_000}[args.dataset]
+    return min(n, args.dev) if args.dev else n
 
 
 def dataset_info(cfg) -> DataInfo:
@@ -166,7 +181,7 @@ def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, d
     root, name = Path(data_dir), info.name
     train = split != "test"
     if name == "synthetic":  # train and test draw from disjoint seeds
-        n = 10_000 if train else 2_000
+        n = SYNTHETIC_IMAGES[0] if train else SYNTHETIC_IMAGES[1]
         ds = SyntheticShapes(n, info.image_size, seed * 2 + (not train), transform)
     elif name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -245,116 +260,3 @@ def num_classes(ds) -> int:
     """Class count from the dataset itself (0 when unlabeled)."""
     base = ds.dataset if isinstance(ds, Subset) else ds
     return len(getattr(base, "classes", [])) or 0
-
-
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way: set_epoch(epoch, skip=n) leaves out
-    this rank's first n indices (the batches a mid-epoch checkpoint had already trained)."""
-
-    skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Rank r of W takes items r, r + W, r + 2W, ... in order: evaluation splits sharded
-    without the padding (repeated items) of DistributedSampler."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.indices = range(rank, n, world)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn=None,
-                 persistent: bool = False):
-    """Shuffled, drop_last loader over this process's shard; call sampler.set_epoch each epoch.
-    The shuffle order is a pure function of (seed, epoch), also for a single process; the
-    loader's own generator (seed + rank, checkpointed) seeds the workers, so making batches
-    draws nothing from the global RNG. `persistent` workers (kept across epochs) only for
-    workers that draw no random numbers, or a resumed run would draw other views."""
-    if len(ds) < batch_size * d.world_size:
-        raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch "
-                        f"({batch_size} x {d.world_size} processes): lower --batch-size")
-    sampler = ResumableSampler(ds, d.world_size, d.rank, shuffle=True, seed=seed,
-                               drop_last=True)
-    loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=d.device.type == "cuda", drop_last=True,
-                        collate_fn=collate_fn, persistent_workers=persistent and num_workers > 0,
-                        generator=torch.Generator().manual_seed(seed + d.rank))
-    return loader, sampler
-
-
-def eval_loader(ds, batch_size: int, num_workers: int, d):
-    """Ordered loader over this rank's shard (kNN bank, test split)."""
-    return DataLoader(ds, batch_size, sampler=ShardSampler(len(ds), d.rank, d.world_size),
-                      num_workers=num_workers, pin_memory=d.device.type == "cuda")
-
-
-def to_device(batch, device):
-    """Every tensor of a (nested) batch moved to `device` (non-blocking from pinned memory)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(b, device) for b in batch)
-
-
-@dataclass
-class PretrainData:
-    """The pretraining loader and its sampler; `prepare` turns a loaded batch into the views on
-    the device: (views, labels) or ((views, boxes), labels), views a list of V (B, C, s, s).
-    knn: (bank loader, test loader, class count), or None for unlabelled data."""
-    loader: DataLoader
-    sampler: DistributedSampler
-    prepare: object
-    knn: tuple | None
-
-
-def pretrain_data(args, info: DataInfo, views: MultiView, d) -> PretrainData:
-    """Loaders of a pretraining run. --augment device: the workers only decode (a dataset held
-    as one array needs none) and BatchViews makes the views on the device; --augment pil: the
-    workers make them with PIL."""
-    on_device = args.augment == "device"
-    transform, collate = (decode, collate_images) if on_device else (views, None)
-    ds = load_split(info, args.data_dir, "pretrain", transform, args.seed, args.dev)
-    workers, arrays = args.num_workers, array_images(ds) if on_device else None
-    if arrays is not None:  # nothing to decode: each batch is one index op, no workers
-        ds, collate, workers = arrays, ArrayImages.collate, 0
-        dist.print0(f"data: {len(ds)} images in memory, each batch sliced in this process "
-                    "(the workers serve the kNN monitor)")
-    loader, sampler = train_loader(ds, args.batch_size, workers, d, args.seed, collate,
-                                   persistent=on_device)  # decode-only workers draw nothing
-    if on_device:
-        make = BatchViews(views.views, views.with_boxes)
-
-        def prepare(batch):
-            images, sizes, labels = batch
-            return make(to_device(images, d.device), sizes), to_device(labels, d.device)
-    else:
-        def prepare(batch):
-            return to_device(batch, d.device)
-    return PretrainData(loader, sampler, prepare, knn_data(args, info, d))
-
-
-def knn_data(args, info: DataInfo, d):
-    """(bank loader, test loader, class count) of the kNN monitor: the labelled train split
-    and the test split with the eval transform; None when the data has no labelled splits."""
-    test_tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
-    bank = load_split(info, args.data_dir, "train", test_tf, args.seed, args.dev)
-    test = load_split(info, args.data_dir, "test", test_tf, args.seed, args.dev)
-    if bank is None or test is None or not num_classes(bank):
-        dist.print0("kNN monitor off: the data has no labelled train/ and val/ splits")
-        return None
-    return (eval_loader(bank, 512, args.num_workers, d),
-            eval_loader(test, 512, args.num_workers, d), num_classes(bank))

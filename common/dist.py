@@ -1,4 +1,5 @@
-"""torchrun-only distributed helpers: setup, rank-0 printing and the three collectives.
+"""torchrun-only distributed helpers: setup, rank-0 printing, and the collectives named for
+what they do to gradients (gather: none; gather_with_grad, all_reduce_mean: carried).
 
 Distributed mode is on exactly when torchrun set RANK. A plain `python` run is world size 1
 with no process group, and every collective below is then the identity.
@@ -40,6 +41,11 @@ def setup(device: str = "auto", timeout_minutes: float = 10) -> Dist:
     return Dist(rank, local_rank, dist.get_world_size(), dev, rank == 0)
 
 
+def launched_world_size() -> int:
+    """The world size torchrun launched (1 for a plain `python` run), known before setup()."""
+    return int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -54,8 +60,8 @@ def rank() -> int:
 
 
 def print0(*args, **kwargs) -> None:
-    """print on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """print on rank 0 only (torchrun's RANK before setup())."""
+    if (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))) == 0:
         print(*args, **kwargs, flush=True)
 
 

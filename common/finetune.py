@@ -13,13 +13,15 @@ from tqdm import tqdm
 from common import dist
 from common.augment import eval_transform, supervised_transform
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.data import dataset_info, eval_loader, load_split, num_classes, train_loader
+from common.data import DATASETS, dataset_info, load_split, num_classes
 from common.dist import gather_rows
+from common.errors import UserError
+from common.flags import Parser, add_machine_args, at_least, positive_float
 from common.knn import accuracy
-from common.loop import RunLog, summary
-from common.train import (DATASETS, Parser, UserError, at_least, autocast, backward_step,
-                          configure_runtime, cpu_cores, positive_float, seed_everything,
-                          warmup_cosine)
+from common.loaders import eval_loader, train_loader
+from common.log import RunLog, summary
+from common.runtime import cpu_cores, resolve_runtime, tune_process
+from common.train import autocast, backward_step, warmup_cosine
 
 
 def finetune_args(description: str) -> Parser:
@@ -54,33 +56,27 @@ def finetune_args(description: str) -> Parser:
       "only; unset: the pretraining run's --dev")
     a("--output-dir", default=None, help="unset: <checkpoint dir>/finetune-<type>")
     a("--seed", type=int, default=42, help="random seed (seed + rank per process)")
-    a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="autocast "
-      "dtype (fp16 with a gradient scaler); auto: bf16 on a CUDA GPU that supports it, else "
-      "fp32")
-    a("--threads", type=at_least(1), default=None, help="torch intra-op threads per process; "
-      "unset: this process's share of the cores less the DataLoader workers'")
-    a("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if present")
+    add_machine_args(p)
     a("--dist-timeout", type=positive_float, default=10, help="minutes a collective waits for "
       "a missing rank before the run fails (torchrun)")
     return p
 
 
-def pretrain_state(path: str, method: str) -> tuple[dict, dict]:
-    """(model state_dict, pretraining args) of a pretrain.py checkpoint."""
+def load_pretrained(path, method: str, build, prefix: str):
+    """The backbone of a `method` pretrain.py checkpoint: build(pretraining args) makes the
+    untrained module and gives its feature width, then the checkpoint's `prefix`-ed tensors
+    load into it; every backbone tensor must load (only a classifier 'fc.' / 'heads.' may be
+    absent). Returns (module, width, pretraining args)."""
     ckpt = load_checkpoint(path, method)
-    return ckpt["model"], ckpt["args"]
-
-
-def load_backbone(backbone: nn.Module, state: dict, prefix: str) -> None:
-    """Load the `prefix`-ed tensors of a pretraining state_dict into `backbone`; every backbone
-    tensor must load (only a classifier 'fc.' / 'heads.' may be absent)."""
-    picked = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    backbone, width = build(ckpt["args"])
+    picked = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     result = backbone.load_state_dict(picked, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(("fc.", "heads."))]
     if missing or result.unexpected_keys:
         raise UserError(f"backbone did not load: {len(missing)} missing tensors (e.g. "
                         f"{missing[:2]}), {len(result.unexpected_keys)} unexpected")
     dist.print0(f"loaded {len(picked)} backbone tensors from '{prefix}*'")
+    return backbone, width, ckpt["args"]
 
 
 def _data(args, pre_args):
@@ -139,12 +135,12 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=
     """Train a classifier on `backbone` features (and the backbone for backbone+linear); logs
     top-1/top-5 on the test split every epoch, writes metrics.jsonl and last.pt. `head` maps
     the class count to the classifier (default: one Linear layer)."""
+    resolve_runtime(args)
     d = dist.setup(args.device, args.dist_timeout)
-    configure_runtime(args, d.device)
-    seed_everything(args.seed, d.rank)
+    tune_process(args, d.rank)
     out = output_dir(args)
     train, test = _data(args, pre_args)
-    loader, sampler = train_loader(train, args.batch_size, args.num_workers, d, args.seed)
+    loader = train_loader(train, args.batch_size, args.num_workers, d, args.seed)
     test_loader = eval_loader(test, args.batch_size, args.num_workers, d)
     linear = args.finetune_type == "linear"
     backbone.requires_grad_(not linear)
@@ -165,7 +161,7 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=
                 f"({args.schedule}) | {out}")
     step, record = 0, {}
     for epoch in range(args.max_epochs):
-        sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
         ddp_net.train()
         if linear:
             backbone.train(args.linear_bn == "train")

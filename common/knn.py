@@ -86,3 +86,24 @@ def knn_eval(encoder, bank_loader, test_loader, k, temperature, num_classes, dev
     if world_size() > 1:
         sims, labels = merge_shards(sims, labels, k)
     return accuracy(vote(sims, labels, temperature, num_classes), test_y, k)
+
+
+class KnnMonitor:
+    """The kNN monitor of a pretraining run: {"knn_top1": ..., "knn_top5": ...} of a backbone at
+    epoch 0 (untrained), every `every` epochs and after the last one; {} at other epochs, with
+    `every` 0, or when `loaders` (common.loaders.knn_loaders) is None (unlabelled data)."""
+
+    def __init__(self, loaders, k: int, temperature: float, every: int, last_epoch: int, d,
+                 precision: str):
+        self.loaders, self.k, self.temperature = loaders, k, temperature
+        self.every, self.last_epoch = every, last_epoch
+        self.device, self.precision = d.device, precision
+
+    def __call__(self, backbone, epoch: int) -> dict:
+        if self.loaders is None or not self.every or (epoch % self.every
+                                                      and epoch != self.last_epoch):
+            return {}
+        bank, test, classes = self.loaders
+        acc = knn_eval(backbone, bank, test, self.k, self.temperature, classes, self.device,
+                       self.precision)
+        return {f"knn_{k}": v for k, v in acc.items()}

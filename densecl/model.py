@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from common.backbone import FEATURE_DIM, feature_map, resnet
 from common.dist import broadcast, gather, rank, world_size
+from common.momentum import enqueue, update_ema
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -137,26 +138,17 @@ class DenseCL(nn.Module):
         return {"f_k": f_k[mine], "k": k_all[mine], "k_grid": k_grid[mine], "k_all": k_all,
                 "k2_all": k2_all}
 
-    @torch.no_grad()
-    def update_momentum(self, m: float) -> None:
-        """xi <- m * xi + (1 - m) * theta over backbone and neck parameters (BN buffers keep
-        their own statistics, as official _momentum_update_key_encoder)."""
-        pairs = [(self.momentum_backbone, self.backbone), (self.momentum_neck, self.neck)]
-        for slow, fast in pairs:
-            for p_m, p in zip(slow.parameters(), fast.parameters()):
-                p_m.lerp_(p, 1 - m)
+    def update_ema(self, momentum: float) -> None:
+        """xi <- m xi + (1 - m) theta over backbone and neck parameters (BN buffers keep their
+        own statistics, as official _momentum_update_key_encoder)."""
+        update_ema([(self.momentum_backbone, self.backbone), (self.momentum_neck, self.neck)],
+                   momentum)
 
     @torch.no_grad()
     def enqueue(self, k_all: torch.Tensor, k2_all: torch.Tensor) -> None:
-        """FIFO: write the N gathered keys over the oldest N slots of both queues. The pointer
-        stays on the device (no host synchronisation per step)."""
-        n, size = k_all.shape[0], self.queue.shape[0]
-        if size % n:
-            raise ValueError(f"queue length {size} is not a multiple of the global batch {n}")
-        slots = self.queue_ptr + torch.arange(n, device=k_all.device)  # (N,)
-        self.queue.index_copy_(0, slots, k_all.to(self.queue.dtype))
-        self.queue_dense.index_copy_(0, slots, k2_all.to(self.queue_dense.dtype))
-        self.queue_ptr.add_(n).remainder_(size)
+        """FIFO: the N gathered keys (N, D) each over the oldest N slots of both queues."""
+        enqueue([self.queue, self.queue_dense], [k_all, k2_all], self.queue_ptr)
+        size, n = self.queue.shape[0], k_all.shape[0]
         self.queue_fill.clamp_(max=size - n).add_(n)  # min(size, fill + n)
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from common.backbone import FEATURE_DIM, resnet
 from common.dist import gather, gather_with_grad
+from common.momentum import update_ema
 
 
 def projector(in_dim: int, hidden_dims: list, out_dim: int) -> nn.Sequential:
@@ -49,14 +50,11 @@ class MMCR(nn.Module):
                 z_momentum = z_momentum.unflatten(0, (-1, num_views))
         return z.unflatten(0, (-1, num_views)), z_momentum
 
-    @torch.no_grad()
-    def update_momentum(self, tau: float) -> None:
-        """theta_m <- tau * theta_m + (1 - tau) * theta, parameters only (BN buffers are not
-        copied, as in the official mmcr/imagenet/misc.py)."""
-        pairs = [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
-        for slow, fast in pairs:
-            for p_m, p in zip(slow.parameters(), fast.parameters()):
-                p_m.lerp_(p, 1 - tau)
+    def update_ema(self, momentum: float) -> None:
+        """The momentum branch follows the online one (parameters only, BN buffers not copied,
+        as the official mmcr/imagenet/misc.py)."""
+        update_ema([(self.momentum_backbone, self.backbone),
+                    (self.momentum_projector, self.projector)], momentum)
 
 
 def nuclear_norm(x: torch.Tensor) -> torch.Tensor:

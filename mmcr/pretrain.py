@@ -14,16 +14,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 import torch
 
 from common import dist
-from common.augment import MultiView, View
+from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
 from common.checkpoint import resolve_output_dir, resume_path
-from common.data import dataset_info, pretrain_data
+from common.data import dataset_info
+from common.errors import run_main
+from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
+                          describe_run, learning_rate_rule, positive_float,
+                          resolve_learning_rate)
+from common.knn import KnnMonitor
 from common.lars import LARS
-from common.loop import fit
-from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
-from common.train import (Parser, add_common_args, at_least, autocast, backward_step,
-                          configure_runtime, positive_float, run_main, seed_everything,
-                          warmup_cosine)
+from common.loaders import knn_loaders, pretrain_loader
+from common.progress import Progress
+from common.runtime import resolve_runtime, tune_process
+from common.train import autocast, backward_step, warmup_cosine
 from mmcr.model import MMCR, mmcr_loss
 
 # the MMCR playground (bartoszzuk/mmcr): 64 images x 16 views, Adam 1e-3, 10% warmup then
@@ -31,7 +35,7 @@ from mmcr.model import MMCR, mmcr_loss
 CIFAR = dict(backbone="resnet18", batch_size=64, num_views=16, max_epochs=500,
              optimizer="adam", learning_rate=1e-3, base_learning_rate=None, warmup_duration=0.1,
              final_lr_ratio=0.0, weight_decay=1e-6, lars_eta=1e-3, hidden_dim=[512],
-             projection_dim=128, momentum_tau=None, zero_init_residual=False)
+             projection_dim=128, ema=None, zero_init_residual=False)
 RECIPES = {
     "cifar": CIFAR,
     "stl10": CIFAR,  # with the official STL-10 views (colour before the crop)
@@ -43,79 +47,81 @@ RECIPES = {
                      optimizer="lars", learning_rate=None, base_learning_rate=0.8,
                      warmup_duration=Epochs(10), final_lr_ratio=0.001, weight_decay=1e-6,
                      lars_eta=1e-3, hidden_dim=[8192, 8192], projection_dim=512,
-                     momentum_tau=0.99, zero_init_residual=True),
+                     ema=0.99, zero_init_residual=True),
 }
 
 
-def tau_or_off(text: str):
-    """--momentum-tau: a float, or 'off' for no momentum branch."""
+def ema_or_off(text: str):
+    """--ema: a float, or 'off' for no momentum branch."""
     return None if text == "off" else float(text)
 
 
 def get_args(argv=None):
-    p = Parser(description="MMCR pretraining")
-    add_common_args(p, knn_temperature=0.5, learning_rate_help="peak learning rate; unset with "
-                    "--base-learning-rate: base x global batch / 256")
+    p = Parser(description="MMCR pretraining", renamed={"--momentum-tau": "--ema"})
+    add_common_args(p, RECIPES, knn_temperature=0.5)
     g = p.add_argument_group("mmcr")
-    add_resnet_args(g)
-    g.add_argument("--num-views", type=at_least(2), help="views per image (official CIFAR: "
-                   "40); memory grows with batch x views")
-    g.add_argument("--optimizer", choices=["adam", "lars"], help="adam (official CIFAR/STL) or "
-                   "LARS with momentum 0.9, 1-D parameters excluded (official ImageNet)")
-    g.add_argument("--base-learning-rate", type=positive_float, help="peak lr per 256 images "
-                   "of global batch, used when --learning-rate is unset")
-    g.add_argument("--final-lr-ratio", type=at_least(0, float), help="cosine decay ends at "
-                   "this fraction of the peak lr")
-    g.add_argument("--lars-eta", type=positive_float, help="LARS trust coefficient")
-    g.add_argument("--hidden-dim", type=at_least(1), nargs="+", help="projector hidden widths "
-                   "(Linear-BN-ReLU each)")
-    g.add_argument("--projection-dim", type=at_least(1), help="embedding dim D")
+    add_resnet_args(g, RECIPES)
+    recipe = lambda key: FromRecipe(RECIPES, key)  # noqa: E731
+    g.add_argument("--num-views", type=at_least(2), default=recipe("num_views"),
+                   help="views per image (official CIFAR: 40); memory grows with batch x views")
+    g.add_argument("--optimizer", choices=["adam", "lars"], default=recipe("optimizer"),
+                   help="adam (official CIFAR/STL) or LARS with momentum 0.9, 1-D parameters "
+                   "excluded (official ImageNet)")
+    g.add_argument("--final-lr-ratio", type=at_least(0, float), default=recipe("final_lr_ratio"),
+                   help="cosine decay ends at this fraction of the peak lr")
+    g.add_argument("--lars-eta", type=positive_float, default=recipe("lars_eta"),
+                   help="LARS trust coefficient")
+    g.add_argument("--hidden-dim", type=at_least(1), nargs="+", default=recipe("hidden_dim"),
+                   help="projector hidden widths (Linear-BN-ReLU each)")
+    g.add_argument("--projection-dim", type=at_least(1), default=recipe("projection_dim"),
+                   help="embedding dim D")
     g.add_argument("--lmbda", type=float, default=0.0, help="weight of the local nuclear-norm "
                    "term (official default 0)")
-    g.add_argument("--momentum-tau", type=tau_or_off, help="momentum branch with this constant "
-                   "EMA, or 'off'")
+    g.add_argument("--ema", type=ema_or_off, default=recipe("ema"), help="momentum of the EMA "
+                   "of the momentum branch (constant), or 'off' for none")
     g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
+                   default=recipe("zero_init_residual"),
                    help="zero-initialise the last BN of each residual block")
-    use_recipes(p, RECIPES)
+    # resolved once, in this order: command line, recipe, then the data and the machine
     args = p.parse_args(argv)
     apply_recipe(args, RECIPES)
-    if "base_learning_rate" in args.explicit and "learning_rate" not in args.explicit:
-        args.learning_rate = None  # the given base lr decides, scaled by the global batch
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: BatchNorm and the centroid matrix need it")
+    resolve_runtime(args)
+    resolve_learning_rate(args, args.batch_size * dist.launched_world_size())
     args.stem = resolve_stem(args.stem, args.recipe)
+    args.output_dir = str(resolve_output_dir(args, "mmcr"))
     return args
 
 
-def view_transform(args, info) -> MultiView:
+def pretrain_views(args, info) -> list:
     """Independent random views: the official CIFAR recipe (mmcr/cifar_stl/data.py); STL-10 with
     colour before the crop; the imagenet recipe alternates the two Barlow Twins view types
     (mmcr/imagenet/data.py)."""
     size, norm = info.image_size, (info.mean, info.std)
     if args.recipe == "stl10":
-        views = [View(size, *norm, scale=(0.2, 1.0), gray_p=0.1, colour_first=True,
-                      interpolation="bicubic")] * args.num_views
-    elif args.recipe == "imagenet":
+        return [View(size, *norm, scale=(0.2, 1.0), gray_p=0.1, colour_first=True,
+                     interpolation="bicubic")] * args.num_views
+    if args.recipe == "imagenet":
         kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), interpolation="bicubic")
-        pair = [View(size, *norm, blur_p=1.0, **kw), View(size, *norm, blur_p=0.1,
-                                                          solarize_p=0.2, **kw)]
-        views = [pair[v % 2] for v in range(args.num_views)]
-    else:
-        views = [View(size, *norm)] * args.num_views
-    return MultiView(views)
+        pair = [View(size, *norm, blur_p=1.0, **kw),
+                View(size, *norm, blur_p=0.1, solarize_p=0.2, **kw)]
+        return [pair[v % 2] for v in range(args.num_views)]
+    return [View(size, *norm)] * args.num_views
 
 
 def train_step(net, model, x, optimizer, scaler, lr, args) -> dict:
-    """One step: all B x V views in one forward, MMCR loss, backward, Adam, momentum EMA.
-    net: the (DDP/compiled) module to call; model: the plain module owning the EMA copy."""
+    """One step: all B x V views in one forward, MMCR loss, backward, optimizer step, EMA of
+    the momentum branch. net: the (DDP/compiled) module to call; model: the plain module owning
+    the momentum copy."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with autocast(args.precision, x.device):
         z, z_momentum = net(x, args.num_views)
     loss, logs = mmcr_loss(z, z_momentum, args.lmbda)
     backward_step(loss, optimizer, scaler)
-    if args.momentum_tau is not None:
-        model.update_momentum(args.momentum_tau)
+    if args.ema is not None:
+        model.update_ema(args.ema)
     return {"loss": loss.detach(), **logs, "lr": lr}
 
 
@@ -128,54 +134,51 @@ def make_optimizer(model, args):
 
 def main(argv=None):
     args = get_args(argv)
+    resume_from = resume_path(args)  # checked before anything is written
     d = dist.setup(args.device, args.dist_timeout)
-    configure_runtime(args, d.device)
-    seed_everything(args.seed, d.rank)
+    tune_process(args, d.rank)
     info = dataset_info(args)
-    images = args.batch_size * d.world_size
-    base = args.base_learning_rate
-    if args.learning_rate is None:  # linear scaling rule of the official ImageNet code
-        args.learning_rate = base * images / 256
-    out_dir = resolve_output_dir(args, "mmcr")
-    resume_from = resume_path(args, out_dir)
 
-    # ---- data: B images x V views per process and step
-    data = pretrain_data(args, info, view_transform(args, info), d)
+    # ---- data: B images x V views per process and step; the kNN monitor's splits
+    loader, make_views = pretrain_loader(args, info, pretrain_views(args, info), d)
+    knn = KnnMonitor(knn_loaders(args, info, d), args.num_neighbours, args.temperature,
+                     args.eval_every, args.max_epochs, d, args.precision)
 
     # ---- model, optimizer
-    model = MMCR(args.backbone, args.stem, args.image_size, args.hidden_dim, args.projection_dim,
-                 args.momentum_tau is not None, args.zero_init_residual).to(d.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = MMCR(args.backbone, args.stem, args.image_size, args.hidden_dim, args.projection_dim,
+                 args.ema is not None, args.zero_init_residual)
+    model = model.to(d.device, memory_format=memory_format)
     net = dist.prepare_model(model, d)
     net = torch.compile(net) if args.compile else net
     optimizer = make_optimizer(model, args)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
-    total = args.max_epochs * len(data.loader)
+    total = args.max_epochs * len(loader)
     warmup = int(args.warmup_duration * total)
-
-    dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
-    dist.print0(describe_recipe(args))
-    scaled = base is not None and "learning_rate" not in args.explicit
-    rule = f"base {base:g} x {images} / 256" if scaled else "not batch-scaled"
+    images = args.batch_size * d.world_size
+    dist.print0(describe_run(args))
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x "
                 f"{args.num_views} views = {args.batch_size * args.num_views} crops | global "
-                f"{images} images, {images * args.num_views} crops per step | {len(data.loader)} "
-                f"steps/epoch | {args.optimizer}, peak lr {args.learning_rate:g} ({rule}) | "
-                f"{out_dir}")
+                f"{images} images, {images * args.num_views} crops per step | {len(loader)} "
+                f"steps/epoch | {args.optimizer}, peak lr {args.learning_rate:g} "
+                f"({learning_rate_rule(args, images)}) | {args.output_dir}")
 
     # ---- train
-    def step_fn(batch, step):
-        views, _ = batch  # V tensors of (B, C, H, W)
-        x = torch.stack(views, 1).flatten(0, 1)  # (B*V, C, H, W), each image's views contiguous
-        x = x.contiguous(memory_format=memory_format)
-        lr = warmup_cosine(step, total, warmup, args.learning_rate,
-                           args.final_lr_ratio * args.learning_rate)
-        return train_step(net, model, x, optimizer, scaler, lr, args)
-
-    fit(method="mmcr", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,
-        step_fn=step_fn, data=data, backbone=model.backbone, out_dir=out_dir,
-        resume_from=resume_from)
+    with Progress(method="mmcr", args=args, d=d, model=model, backbone=model.backbone,
+                  optimizer=optimizer, scaler=scaler, loader=loader,
+                  resume_from=resume_from) as progress:
+        if progress.fresh:
+            progress.untrained(knn(model.backbone, 0))
+        while progress.epoch < args.max_epochs:
+            for batch in progress.batches(loader):
+                views, _ = make_views(batch)  # V tensors of (B, C, H, W), on the device
+                x = torch.stack(views, 1).flatten(0, 1)  # (B*V, C, H, W), an image's views together
+                x = x.contiguous(memory_format=memory_format)
+                lr = warmup_cosine(progress.step, total, warmup, args.learning_rate,
+                                   args.final_lr_ratio * args.learning_rate)
+                out = train_step(net, model, x, optimizer, scaler, lr, args)
+                progress.step_done(out)
+            progress.epoch_done(knn(model.backbone, progress.epoch + 1))
     dist.cleanup()
 
 

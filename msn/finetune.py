@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.finetune import finetune_args, load_backbone, pretrain_state, run_finetune
-from common.train import run_main
+from common.errors import run_main
+from common.finetune import finetune_args, load_pretrained, run_finetune
 from msn.model import ViT
 
 
@@ -51,9 +51,8 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    state, pre = pretrain_state(args.checkpoint, "msn")
-    backbone, width = build_backbone(pre)
-    load_backbone(backbone, state, "target_encoder.")
+    backbone, width, pre = load_pretrained(args.checkpoint, "msn", build_backbone,
+                                           "target_encoder.")
     head = None
     if args.features == "last-block":
         backbone.encoder.ln = nn.Identity()  # the last block's class token, no final norm

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torchvision.models import VisionTransformer
 
 from common.dist import all_reduce_mean, all_reduce_sum, world_size
+from common.momentum import update_ema
 
 # (width E, depth, heads) of deit_tiny / deit_small / deit_base (msn src/deit.py); MLP 4 x E
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
@@ -116,14 +117,11 @@ class MSN(nn.Module):
             z.append(self.projector(self.encoder(torch.cat(views[2:]))))  # (F*B, D)
         return torch.cat(z), h
 
-    @torch.no_grad()
-    def update_target(self, momentum: float) -> None:
-        """theta_t <- m * theta_t + (1 - m) * theta, parameters only (BN statistics of the
-        target projector come from its own forward passes, as official)."""
-        pairs = [(self.target_encoder, self.encoder), (self.target_projector, self.projector)]
-        for slow, fast in pairs:
-            for p_t, p in zip(slow.parameters(), fast.parameters()):
-                p_t.lerp_(p, 1 - momentum)
+    def update_ema(self, momentum: float) -> None:
+        """theta_t <- m theta_t + (1 - m) theta, parameters only (BN statistics of the target
+        projector come from its own forward passes, as official)."""
+        update_ema([(self.target_encoder, self.encoder), (self.target_projector, self.projector)],
+                   momentum)
 
 
 @torch.no_grad()

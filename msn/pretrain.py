@@ -16,13 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 import torch
 
 from common import dist
-from common.augment import MultiView, View
+from common.augment import View
 from common.checkpoint import resolve_output_dir, resume_path
-from common.data import dataset_info, pretrain_data
-from common.loop import fit
-from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
-from common.train import (Parser, add_common_args, at_least, autocast, backward_step,
-                          configure_runtime, positive_float, run_main, seed_everything)
+from common.data import dataset_info
+from common.errors import run_main
+from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
+                          describe_run, positive_float)
+from common.knn import KnnMonitor
+from common.loaders import knn_loaders, pretrain_loader
+from common.progress import Progress
+from common.runtime import resolve_runtime, tune_process
+from common.train import autocast, backward_step
 from msn.model import ARCHS, MSN, msn_loss, vit_config
 
 # MSN runs stretch the LR, WD and EMA schedules over 1.25 x the run (msn src/msn_train.py)
@@ -41,13 +45,14 @@ RECIPES = {"cifar": CIFAR, "stl10": dict(CIFAR, patch_size=8),
 
 def get_args(argv=None):
     p = Parser(description="MSN pretraining")
-    add_common_args(p, knn_temperature=0.1)
+    add_common_args(p, RECIPES, knn_temperature=0.1)
     g = p.add_argument_group("msn", "MSN flags (official ViT-S/16 values unless noted). The kNN "
                              "--temperature defaults to 0.1 here (lightly's CIFAR-10 benchmark)")
     a = g.add_argument
-    a("--arch", choices=sorted(ARCHS), help="torchvision ViT: tiny 192-d, small 384-d, base "
-      "768-d; 12 blocks, MLP 4x")
-    a("--patch-size", type=at_least(1), help="ViT patch size")
+    a("--arch", choices=sorted(ARCHS), default=FromRecipe(RECIPES, "arch"), help="torchvision "
+      "ViT: tiny 192-d, small 384-d, base 768-d; 12 blocks, MLP 4x")
+    a("--patch-size", type=at_least(1), default=FromRecipe(RECIPES, "patch_size"),
+      help="ViT patch size")
     a("--depth", type=at_least(1), default=None, help="transformer blocks; unset: the arch's 12 (a "
       "few make fast tests)")
     a("--focal-views", type=at_least(0), default=10, help="F small unmasked anchor crops per image")
@@ -79,14 +84,21 @@ def get_args(argv=None):
       "to 1 at 1.25 x the run")
     a("--clip-grad", type=at_least(0, float), default=3.0, help="max grad norm of encoder + "
       "projector (0: no clipping; the norm is logged either way)")
-    use_recipes(p, RECIPES)
+    # resolved once, in this order: command line, recipe, then the data and the machine
     args = p.parse_args(argv)
     apply_recipe(args, RECIPES)
-    return resolve(p, args)
+    check(p, args)
+    resolve_runtime(args)
+    args.depth = args.depth or ARCHS[args.arch][1]
+    # everything torchvision.models.VisionTransformer(**vit_config) needs to load backbone.pt
+    args.vit_config = vit_config(args.arch, args.patch_size, args.image_size, args.depth)
+    args.output_dir = str(resolve_output_dir(args, "msn"))
+    return args
 
 
-def resolve(p, args):
-    """Size-dependent defaults (focal size) and one-line errors for impossible values."""
+def check(p, args) -> None:
+    """The focal size's default (it depends on the image size) and one-line errors for
+    impossible values."""
     size, patch = args.image_size, args.patch_size
     args.focal_size = args.focal_size or -(-size * 96 // (224 * patch)) * patch
     for name, value in (("--image-size", size), ("--focal-size", args.focal_size)):
@@ -100,10 +112,9 @@ def resolve(p, args):
         low, high = getattr(args, name)
         if not 0 < low <= high <= 1:
             p.error(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1")
-    return args
 
 
-def view_transform(args, info) -> MultiView:
+def pretrain_views(args, info) -> list:
     """[target, masked anchor, F focal] as official (src/data_manager.py): colour jitter (0.8 s,
     0.8 s, 0.8 s, 0.2 s) p 0.8, gray 0.2, flip; blur p 0.5 only for the imagenet recipe (none
     at small sizes, as lightly's CIFAR benchmarks). Target and anchor are two independent crops
@@ -113,7 +124,7 @@ def view_transform(args, info) -> MultiView:
                   blur_p=0.5 if args.recipe == "imagenet" else 0.0)
     rand = View(info.image_size, *norm, scale=tuple(args.rand_scale), **colour)
     focal = View(args.focal_size, *norm, scale=tuple(args.focal_scale), **colour)
-    return MultiView([rand, rand] + [focal] * args.focal_views)
+    return [rand, rand] + [focal] * args.focal_views
 
 
 def schedules(step: int, total: int, warmup: int, args) -> tuple:
@@ -158,7 +169,7 @@ def train_step(net, model, views, optimizer, scaler, schedule, args) -> dict:
     # clip the encoder and projector only, not the prototypes, as official
     online = [p for m in (model.encoder, model.projector) for p in m.parameters()]
     grad_norm = backward_step(loss, optimizer, scaler, online, args.clip_grad or math.inf)
-    model.update_target(momentum)
+    model.update_ema(momentum)
     out = {"loss": loss.detach(), **logs, "lr": lr, "weight_decay": wd, "ema": momentum}
     if scaler is None:  # fp16: steps with inf gradients are skipped by the scaler, not errors
         out["grad_norm"] = grad_norm
@@ -167,18 +178,15 @@ def train_step(net, model, views, optimizer, scaler, schedule, args) -> dict:
 
 def main(argv=None):
     args = get_args(argv)
+    resume_from = resume_path(args)  # checked before anything is written
     d = dist.setup(args.device, args.dist_timeout)
-    configure_runtime(args, d.device)
-    seed_everything(args.seed, d.rank)
+    tune_process(args, d.rank)
     info = dataset_info(args)
-    args.depth = args.depth or ARCHS[args.arch][1]
-    # everything torchvision.models.VisionTransformer(**vit_config) needs to load backbone.pt
-    args.vit_config = vit_config(args.arch, args.patch_size, args.image_size, args.depth)
-    out_dir = resolve_output_dir(args, "msn")
-    resume_from = resume_path(args, out_dir)
 
-    # ---- data: per image 1 target + 1 anchor at --image-size and F focal crops
-    data = pretrain_data(args, info, view_transform(args, info), d)
+    # ---- data: per image 1 target + 1 anchor at --image-size and F focal crops; kNN splits
+    loader, make_views = pretrain_loader(args, info, pretrain_views(args, info), d)
+    knn = KnnMonitor(knn_loaders(args, info, d), args.num_neighbours, args.temperature,
+                     args.eval_every, args.max_epochs, d, args.precision)
 
     # ---- model, optimizer
     model = MSN(args.vit_config, args.hidden_dim, args.projection_dim,
@@ -188,31 +196,33 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(param_groups(model), lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
-    total = args.max_epochs * len(data.loader)
+    total = args.max_epochs * len(loader)
     warmup = int(args.warmup_duration * total)
-
-    dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
-    dist.print0(describe_recipe(args))
     images, tokens = args.batch_size * d.world_size, (args.image_size // args.patch_size) ** 2
+    dist.print0(describe_run(args))
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x (2 x "
                 f"{args.image_size} px + {args.focal_views} x {args.focal_size} px) | global "
                 f"batch {images} images | {tokens} tokens, {int(tokens * (1 - args.mask_ratio))} "
-                f"kept in the anchor | {len(data.loader)} steps/epoch | peak lr "
-                f"{args.learning_rate} (not batch-scaled; official: global batch 1024) | {out_dir}")
+                f"kept in the anchor | {len(loader)} steps/epoch | peak lr {args.learning_rate} "
+                f"(not batch-scaled; official: global batch 1024) | {args.output_dir}")
     if args.num_prototypes > images:  # Sinkhorn spreads each batch evenly over the prototypes
         dist.print0(f"notice: --num-prototypes {args.num_prototypes} is more than the global "
                     f"batch ({images}): each batch's targets can reach at most {images} of them "
                     "(official: 1024 prototypes, global batch 1024)")
 
     # ---- train
-    def step_fn(batch, step):
-        views, _ = batch  # [target, anchor, focal_1 .. focal_F], each (B, C, H_v, W_v)
-        schedule = schedules(step, total, warmup, args)
-        return train_step(net, model, views, optimizer, scaler, schedule, args)
-
-    fit(method="msn", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,
-        step_fn=step_fn, data=data, backbone=model.target_encoder, out_dir=out_dir,
-        resume_from=resume_from)
+    with Progress(method="msn", args=args, d=d, model=model, backbone=model.target_encoder,
+                  optimizer=optimizer, scaler=scaler, loader=loader,
+                  resume_from=resume_from) as progress:
+        if progress.fresh:
+            progress.untrained(knn(model.target_encoder, 0))
+        while progress.epoch < args.max_epochs:
+            for batch in progress.batches(loader):
+                views, _ = make_views(batch)  # [target, anchor, focal_1 .. focal_F], (B, C, ., .)
+                schedule = schedules(progress.step, total, warmup, args)  # lr, wd, EMA momentum
+                out = train_step(net, model, views, optimizer, scaler, schedule, args)
+                progress.step_done(out)
+            progress.epoch_done(knn(model.target_encoder, progress.epoch + 1))
     dist.cleanup()
 
 

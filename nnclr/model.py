@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from common.backbone import FEATURE_DIM, resnet
 from common.dist import gather_with_grad, rank
+from common.momentum import enqueue
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
@@ -70,15 +71,8 @@ class NNCLR(nn.Module):
         """FIFO update with the global batch: z (N, D) normalised view-1 projections and their
         labels (N,) (-1 when unknown), both gathered from every rank by the caller, so all ranks
         hold the same queue. K must be a multiple of N (solo-learn asserts it; pretrain.py checks
-        it at start), so a batch never straddles the end and nothing is dropped. The pointer
-        stays on the device (no host synchronisation per step)."""
-        n, k = z.shape[0], self.queue.shape[0]
-        if k % n:
-            raise ValueError(f"queue size {k} is not a multiple of the global batch {n}")
-        slots = self.queue_ptr + torch.arange(n, device=z.device)  # (N,)
-        self.queue.index_copy_(0, slots, z.to(self.queue.dtype))
-        self.queue_labels.index_copy_(0, slots, labels.to(self.queue_labels.dtype))
-        self.queue_ptr.add_(n).remainder_(k)
+        it at start), so a batch never straddles the end and nothing is dropped."""
+        enqueue([self.queue, self.queue_labels], [z, labels], self.queue_ptr)
 
 
 def _cross_view_nce(neighbours: torch.Tensor, p: torch.Tensor, tau: float) -> torch.Tensor:

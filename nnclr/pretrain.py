@@ -13,16 +13,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 import torch
 
 from common import dist
-from common.augment import MultiView, View
+from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
 from common.checkpoint import resolve_output_dir, resume_path
-from common.data import dataset_info, pretrain_data
+from common.data import dataset_info, pretrain_images
+from common.errors import run_main
+from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
+                          describe_run, learning_rate_rule, positive_float,
+                          resolve_learning_rate)
+from common.knn import KnnMonitor
 from common.lars import LARS
-from common.loop import fit
-from common.recipe import Epochs, apply_recipe, describe_recipe, use_recipes
-from common.train import (Parser, UserError, add_common_args, at_least, autocast, backward_step,
-                          cap_queue, configure_runtime, positive_float, run_main, seed_everything,
-                          warmup_cosine)
+from common.loaders import knn_loaders, pretrain_loader
+from common.momentum import cap_queue
+from common.progress import Progress
+from common.runtime import resolve_runtime, tune_process
+from common.train import autocast, backward_step, warmup_cosine
 from nnclr.model import NNCLR, nnclr_loss
 
 # solo-learn's CIFAR recipe (scripts/pretrain/cifar/nnclr.yaml, solo/methods/base.py): batch
@@ -45,45 +50,55 @@ RECIPES = {
 
 def get_args(argv=None):
     p = Parser(description="NNCLR pretraining")
-    add_common_args(p, knn_temperature=0.1, learning_rate_help="peak learning rate; unset: "
-                    "--base-learning-rate x global batch / 256 (solo-learn's rule)")
+    add_common_args(p, RECIPES, knn_temperature=0.1)
     g = p.add_argument_group("nnclr")
-    add_resnet_args(g)
-    g.add_argument("--base-learning-rate", type=positive_float, help="peak LR per 256 images "
-                   "of global batch, used unless --learning-rate sets the peak LR directly")
-    g.add_argument("--hidden-dim", type=at_least(1), help="projector hidden width")
-    g.add_argument("--projection-dim", type=at_least(1), help="embedding dim D of the "
-                   "projector, the predictor output and the support set")
-    g.add_argument("--pred-hidden-dim", type=at_least(1), help="predictor hidden width")
-    g.add_argument("--queue-size", type=at_least(1), help="support-set size K, a multiple of "
-                   "the global batch and at most the training set (larger is shrunk, with a "
-                   "notice). Neighbours are random vectors for the first K / global-batch "
-                   "steps: use 4096-8192 for short runs")
-    g.add_argument("--tau", type=positive_float, help="softmax temperature of the loss (paper "
-                   "0.1). Not --temperature: that is the kNN monitor's (lightly's CIFAR-10 "
-                   "benchmark: 0.1)")
-    g.add_argument("--lars-eta", type=positive_float, help="LARS trust coefficient "
-                   "(solo-learn's form); each weight matrix's LR is min(lr, eta x trust ratio)")
-    use_recipes(p, RECIPES)
+    add_resnet_args(g, RECIPES)
+    recipe = lambda key: FromRecipe(RECIPES, key)  # noqa: E731
+    g.add_argument("--hidden-dim", type=at_least(1), default=recipe("hidden_dim"),
+                   help="projector hidden width")
+    g.add_argument("--projection-dim", type=at_least(1), default=recipe("projection_dim"),
+                   help="embedding dim D of the projector, the predictor output and the "
+                   "support set")
+    g.add_argument("--pred-hidden-dim", type=at_least(1), default=recipe("pred_hidden_dim"),
+                   help="predictor hidden width")
+    g.add_argument("--queue-size", type=at_least(1), default=recipe("queue_size"),
+                   help="support-set size K, a multiple of the global batch and at most the "
+                   "training set (larger is shrunk, with a notice). Neighbours are random "
+                   "vectors for the first K / global-batch steps: use 4096-8192 for short runs")
+    g.add_argument("--tau", type=positive_float, default=recipe("tau"), help="softmax "
+                   "temperature of the loss (paper 0.1). Not --temperature: that is the kNN "
+                   "monitor's (lightly's CIFAR-10 benchmark: 0.1)")
+    g.add_argument("--lars-eta", type=positive_float, default=recipe("lars_eta"),
+                   help="LARS trust coefficient (solo-learn's form); each weight matrix's LR is "
+                   "min(lr, eta x trust ratio)")
+    # resolved once, in this order: command line, recipe, then the data and the machine
     args = p.parse_args(argv)
     apply_recipe(args, RECIPES)
-    if "base_learning_rate" in args.explicit and "learning_rate" not in args.explicit:
-        args.learning_rate = None  # the given base lr decides, scaled by the global batch
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: BatchNorm and the contrastive loss need it")
+    resolve_runtime(args)
+    images = args.batch_size * dist.launched_world_size()
+    resolve_learning_rate(args, images)  # solo-learn's linear scaling (solo/args/pretrain.py)
+    if args.queue_size % images:
+        p.error(f"--queue-size {args.queue_size} must be a multiple of the global batch "
+                f"{images} (--batch-size {args.batch_size} x {images // args.batch_size} "
+                f"processes), e.g. {max(1, round(args.queue_size / images)) * images}")
+    args.queue_size = cap_queue(args.queue_size, pretrain_images(args) // images * images,
+                                "--queue-size")
     args.stem = resolve_stem(args.stem, args.recipe)
+    args.output_dir = str(resolve_output_dir(args, "nnclr"))
     return args
 
 
-def view_transform(args, info) -> MultiView:
+def pretrain_views(args, info) -> list:
     """Two asymmetric views (solo-learn asymmetric.yaml): crop (0.08, 1), bicubic, jitter
     (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, flip; solarise only view 2 (0.0 / 0.2); blur 1.0 / 0.1
     only for the imagenet recipe (solo-learn's ImageNet-100; none at 32-64 px)."""
     big = args.recipe == "imagenet"
     kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), interpolation="bicubic")
-    return MultiView([View(info.image_size, info.mean, info.std, blur_p=1.0 if big else 0.0, **kw),
-                      View(info.image_size, info.mean, info.std, blur_p=0.1 if big else 0.0,
-                           solarize_p=0.2, **kw)])
+    return [View(info.image_size, info.mean, info.std, blur_p=1.0 if big else 0.0, **kw),
+            View(info.image_size, info.mean, info.std, blur_p=0.1 if big else 0.0,
+                 solarize_p=0.2, **kw)]
 
 
 def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) -> dict:
@@ -107,60 +122,54 @@ def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) 
 
 def main(argv=None):
     args = get_args(argv)
+    resume_from = resume_path(args)  # checked before anything is written
     d = dist.setup(args.device, args.dist_timeout)
-    configure_runtime(args, d.device)
-    seed_everything(args.seed, d.rank)
+    tune_process(args, d.rank)
     info = dataset_info(args)
-    images = args.batch_size * d.world_size
-    if args.queue_size % images:
-        raise UserError(f"--queue-size {args.queue_size} must be a multiple of the global batch "
-                        f"{images} (--batch-size {args.batch_size} x {d.world_size} processes), "
-                        f"e.g. {max(1, round(args.queue_size / images)) * images}")
-    if args.learning_rate is None:  # linear scaling rule of solo-learn (solo/args/pretrain.py)
-        args.learning_rate = args.base_learning_rate * images / 256
-    out_dir = resolve_output_dir(args, "nnclr")
-    resume_from = resume_path(args, out_dir)
 
-    # ---- data: B images x 2 asymmetric views per process and step
-    data = pretrain_data(args, info, view_transform(args, info), d)
-    args.queue_size = cap_queue(args.queue_size, len(data.loader) * images, "--queue-size")
+    # ---- data: B images x 2 asymmetric views per process and step; the kNN monitor's splits
+    loader, make_views = pretrain_loader(args, info, pretrain_views(args, info), d)
+    knn_splits = knn_loaders(args, info, d)
+    knn = KnnMonitor(knn_splits, args.num_neighbours, args.temperature, args.eval_every,
+                     args.max_epochs, d, args.precision)
     # NN accuracy needs every pretraining image labelled: not STL-10's train+unlabeled split,
-    # not a flat image folder (no kNN data either)
-    nn_accuracy = data.knn is not None and info.name != "stl10"
+    # not a flat image folder (no kNN splits either)
+    nn_accuracy = knn_splits is not None and info.name != "stl10"
 
     # ---- model, optimizer
-    model = NNCLR(args.backbone, args.stem, args.image_size, args.hidden_dim,
-                  args.projection_dim, args.pred_hidden_dim, args.queue_size).to(d.device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    model = NNCLR(args.backbone, args.stem, args.image_size, args.hidden_dim,
+                  args.projection_dim, args.pred_hidden_dim, args.queue_size)
+    model = model.to(d.device, memory_format=memory_format)
     net = dist.prepare_model(model, d)
     net = torch.compile(net) if args.compile else net
     optimizer = LARS(model.parameters(), args.learning_rate, args.weight_decay, args.lars_eta)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
-    total = args.max_epochs * len(data.loader)
+    total = args.max_epochs * len(loader)
     warmup = int(args.warmup_duration * total)
-
-    dist.print0("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
-    dist.print0(describe_recipe(args))
-    scaled = "learning_rate" not in args.explicit
-    rule = f"base {args.base_learning_rate:g} x {images} / 256" if scaled else "as given"
+    images = args.batch_size * d.world_size
+    dist.print0(describe_run(args))
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x 2 views | "
-                f"global {images} images per step | {len(data.loader)} steps/epoch | peak lr "
-                f"{args.learning_rate:g} ({rule}) | support set {args.queue_size} = "
-                f"{args.queue_size // images} steps of random vectors before it is full | "
-                f"{out_dir}")
+                f"global {images} images per step | {len(loader)} steps/epoch | peak lr "
+                f"{args.learning_rate:g} ({learning_rate_rule(args, images)}) | support set "
+                f"{args.queue_size} = {args.queue_size // images} steps of random vectors "
+                f"before it is full | {args.output_dir}")
 
     # ---- train
-    def step_fn(batch, step):
-        (x1, x2), y = batch  # (B, C, H, W) x 2, (B,)
-        x1, x2 = (x.contiguous(memory_format=memory_format) for x in (x1, x2))
-        lr = warmup_cosine(step, total, warmup, args.learning_rate)
-        return train_step(net, model, x1, x2, y, optimizer, scaler, lr, args,
-                          nn_accuracy)
-
-    fit(method="nnclr", args=args, d=d, model=model, optimizer=optimizer, scaler=scaler,
-        step_fn=step_fn, data=data, backbone=model.backbone, out_dir=out_dir,
-        resume_from=resume_from)
+    with Progress(method="nnclr", args=args, d=d, model=model, backbone=model.backbone,
+                  optimizer=optimizer, scaler=scaler, loader=loader,
+                  resume_from=resume_from) as progress:
+        if progress.fresh:
+            progress.untrained(knn(model.backbone, 0))
+        while progress.epoch < args.max_epochs:
+            for batch in progress.batches(loader):
+                (x1, x2), y = make_views(batch)  # (B, C, H, W) x 2, labels (B,)
+                x1, x2 = (x.contiguous(memory_format=memory_format) for x in (x1, x2))
+                lr = warmup_cosine(progress.step, total, warmup, args.learning_rate)
+                out = train_step(net, model, x1, x2, y, optimizer, scaler, lr, args,
+                                 nn_accuracy)
+                progress.step_done(out)
+            progress.epoch_done(knn(model.backbone, progress.epoch + 1))
     dist.cleanup()
 
 

@@ -31,14 +31,15 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from common.augment import MultiView  # noqa: E402
 from common.backbone import feature_map, resnet  # noqa: E402
 from common.data import ArrayImages, array_images, dataset_info, decode  # noqa: E402
 from common.device_views import BatchViews  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
-from common.train import keep_freed_memory  # noqa: E402
+from common.runtime import keep_freed_memory  # noqa: E402
 
 # the work of each comparison (the settings the issue measured), as pretrain.py flags
-WORK = {"mmcr": ["--batch-size", "32", "--num-views", "4", "--momentum-tau", "0.99",
+WORK = {"mmcr": ["--batch-size", "32", "--num-views", "4", "--ema", "0.99",
                  "--lmbda", "5e-3"],
         "nnclr": ["--batch-size", "64"],
         "densecl": ["--batch-size", "64"],
@@ -83,22 +84,27 @@ def best_rate(step, batches: int, views: int, device, repeats: int = 3) -> float
     return max(rates)
 
 
+def with_boxes(module) -> bool:
+    """Whether the method's loader also gives the crop boxes (DenseCL's match accuracy)."""
+    return module.__name__.startswith("densecl")
+
+
 def views_per_s(module, flags, augment: str, count: int, device) -> float:
     """Views per second of loader + view making with the method's views, `count` views in
     three timed runs after one untimed batch (worker start): PIL views in the workers, or, as
     pretrain.py does, batches sliced from the array and BatchViews on `device`."""
     args = module.get_args([*flags, "--augment", augment])
-    views = module.view_transform(args, dataset_info(args))
-    per_batch = args.batch_size * len(views.views)
+    views, boxes = module.pretrain_views(args, dataset_info(args)), with_boxes(module)
+    per_batch = args.batch_size * len(views)
     batches = -(-count // (3 * per_batch))
-    ds = InMemory(args.batch_size * (3 * batches + 1), views)
+    ds = InMemory(args.batch_size * (3 * batches + 1), MultiView(views, boxes))
     on_device = augment == "device"
-    if on_device:  # common/data.py pretrain_data: an array dataset needs no workers
+    if on_device:  # common/loaders.py pretrain_loader: an array dataset needs no workers
         loader = torch.utils.data.DataLoader(array_images(ds), args.batch_size,
                                              collate_fn=ArrayImages.collate)
     else:
         loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers)
-    make = BatchViews(views.views, views.with_boxes)
+    make = BatchViews(views, boxes)
     batch_iter = iter(loader)
 
     def next_views():
@@ -113,11 +119,11 @@ def views_in_memory_per_s(module, flags, count: int, device) -> float:
     """Views per second of BatchViews alone, on one batch already on `device`: the view making
     without the loader."""
     args = module.get_args([*flags, "--augment", "device"])
-    views = module.view_transform(args, dataset_info(args))
+    views = module.pretrain_views(args, dataset_info(args))
     images, sizes, _ = array_images(InMemory(args.batch_size, None)).__getitems__(
         range(args.batch_size))
-    images, make = images.to(device), BatchViews(views.views, views.with_boxes)
-    per_batch = args.batch_size * len(views.views)
+    images, make = images.to(device), BatchViews(views, with_boxes(module))
+    per_batch = args.batch_size * len(views)
     make(images, sizes)
     return best_rate(lambda: make(images, sizes), -(-count // (3 * per_batch)), per_batch,
                      device)
@@ -126,7 +132,7 @@ def views_in_memory_per_s(module, flags, count: int, device) -> float:
 def describe_views(module, flags) -> str:
     """'B x V views' of the method's views under `flags`."""
     args = module.get_args(flags)
-    return f"{args.batch_size} x {len(module.view_transform(args, dataset_info(args)).views)}"
+    return f"{args.batch_size} x {len(module.pretrain_views(args, dataset_info(args)))}"
 
 
 def ours_images_per_s(module, flags, steps: int, warmup: int, device) -> float:
@@ -197,7 +203,7 @@ def peer_mmcr(args, device):
     criterion, opt = MMCRLoss(lmda=args.lmbda), torch.optim.SGD(online.parameters(), lr=0.06)
 
     def step(views):
-        update_momentum(online, momentum, args.momentum_tau)
+        update_momentum(online, momentum, args.ema)
         z_o = torch.stack([online(x) for x in views], 1)
         z_m = torch.stack([momentum(x).detach() for x in views], 1)
         loss = criterion(z_o, z_m)

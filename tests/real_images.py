@@ -31,7 +31,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common.augment import eval_transform  # noqa: E402
-from common.data import dataset_info, eval_loader, load_split  # noqa: E402
+from common.data import dataset_info, load_split
+from common.loaders import eval_loader  # noqa: E402
 from common.dist import Dist  # noqa: E402
 from common.knn import accuracy, extract_features, knn_classify  # noqa: E402
 

@@ -13,10 +13,10 @@ import torch.nn as nn
 from torch.utils.data import Subset, TensorDataset
 
 from common.checkpoint import load_checkpoint
-from common.data import eval_loader
+from common.loaders import eval_loader
 from common.dist import Dist
 from common.knn import knn_eval
-from common.train import PREEMPTED, run_main
+from common.errors import PREEMPTED, run_main
 from helpers import ROOT, read_metrics, run_distributed, use_tiny_cnn
 from kill_resume import kill_and_resume
 from mmcr import model as mmcr_model
@@ -88,7 +88,7 @@ FAILING_RANK = """
 import sys
 sys.path.insert(0, {root!r})
 from common import dist
-from common.train import run_main
+from common.errors import run_main
 from mmcr import pretrain
 step = pretrain.train_step
 calls = []

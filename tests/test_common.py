@@ -15,7 +15,8 @@ from common.knn import accuracy, knn_classify
 from common.lars import LARS
 from common.synthetic import SyntheticShapes
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.train import UserError, warmup_cosine
+from common.errors import UserError
+from common.train import warmup_cosine
 from helpers import ROOT, run_distributed
 
 
@@ -189,7 +190,7 @@ def test_collectives_two_processes(tmp_path):
 
 FAULTS = """
 import resource, sys, torch
-from common.train import keep_freed_memory
+from common.runtime import keep_freed_memory
 
 def faults():  # minor page faults of the last of 8 rounds of 32, 64 and 96 MB tensors
     for _ in range(8):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from common.augment import View
+from common.augment import View, pil_colour, pil_view
 from common.backbone import feature_map
 from common.dist import Dist, prepare_model
-from common.train import run_main
+from common.errors import run_main
 from densecl import finetune, pretrain
 from densecl import model as densecl_model
 from densecl.model import (DenseCL, SplitBatchNorm2d, densecl_loss, match_accuracy,
@@ -264,7 +264,8 @@ def test_true_match_agrees_with_real_view_pixels():
     torch.manual_seed(0)
     checked = 0
     for _ in range(20):
-        (tq, bq), (tk, bk) = view(image), view(image)
+        colour = pil_colour(view)
+        (tq, bq), (tk, bk) = pil_view(view, colour, image), pil_view(view, colour, image)
         boxes = torch.tensor([bq]) / torch.tensor([size, size, size, size, 1.0])
         boxes_k = torch.tensor([bk]) / torch.tensor([size, size, size, size, 1.0])
         target, valid = true_match(boxes, boxes_k, h, h)
@@ -364,7 +365,7 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     run = run_script("densecl/pretrain.py", *TINY, "--dev", "64", "--max-epochs", "1",
                      "--output-dir", out)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "lr: base 0.06 x 8/128 = 0.00375" in run.stdout
+    assert "peak lr 0.00375 (base 0.12 x 8 / 256)" in run.stdout
     records = read_metrics(out)
     assert [r["epoch"] for r in records] == [0, 1]
     assert {"loss_global", "loss_dense", "match_acc", "queue_fill", "knn_top1"} <= \

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common import dist
-from common.train import run_main
+from common.errors import run_main
 from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed, run_script,
                      straight_and_resumed, use_tiny_cnn)
 from mmcr import finetune, pretrain
@@ -70,7 +70,7 @@ def test_momentum_update_is_the_ema():
         for p in model.projector.parameters():
             p.add_(1.0)
     old = [p.clone() for p in model.momentum_projector.parameters()]
-    model.update_momentum(0.9)
+    model.update_ema(0.9)
     for p_m, p, o in zip(model.momentum_projector.parameters(), model.projector.parameters(), old):
         torch.testing.assert_close(p_m, 0.9 * o + 0.1 * p)
     assert not any(p.requires_grad for p in model.momentum_backbone.parameters())

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from common import dist
 from common.data import dataset_info
 from common.lars import LARS
-from common.train import run_main
+from common.errors import run_main
 from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed, run_script,
                      straight_and_resumed, use_tiny_cnn)
 from nnclr import model as nnclr_model
@@ -107,11 +107,11 @@ def test_views_are_asymmetric():
     # solo-learn asymmetric.yaml: jitter (0.4, 0.4, 0.2, 0.1), solarisation 0 / 0.2; blur
     # 1.0 / 0.1 only for ImageNet sizes
     args = pretrain.get_args(["--dataset", "synthetic"])
-    small = pretrain.view_transform(args, dataset_info(args)).views
+    small = pretrain.pretrain_views(args, dataset_info(args))
     assert [v.solarize_p for v in small] == [0.0, 0.2] and [v.blur_p for v in small] == [0, 0]
     assert small[0].jitter == (0.4, 0.4, 0.2, 0.1) and small[0].interpolation == "bicubic"
     args = pretrain.get_args(["--dataset", "synthetic", "--recipe", "imagenet"])
-    big = pretrain.view_transform(args, dataset_info(args)).views
+    big = pretrain.pretrain_views(args, dataset_info(args))
     assert [v.blur_p for v in big] == [1.0, 0.1]
 
 

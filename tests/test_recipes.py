@@ -44,7 +44,7 @@ def test_a_32px_folder_gets_the_cifar_views_normalisation_and_stem(method, small
     assert args.recipe == "cifar" and args.image_size == 32
     assert (args.mean, args.std) == CIFAR10
     assert getattr(args, "stem", "cifar") == "cifar" and getattr(args, "patch_size", 4) == 4
-    views = method.view_transform(args, dataset_info(args)).views
+    views = method.pretrain_views(args, dataset_info(args))
     assert views[0].size == 32 and set(blur_probabilities(views)) == {0.0}
     assert dataset_info(args).test_resize is None  # 32 px images are used as they are
 
@@ -55,7 +55,7 @@ def test_a_32px_folder_gets_the_cifar_views_normalisation_and_stem(method, small
     # 10 warmup, cosine to 0.001 x peak, momentum 0.99, projector 8192-8192-512
     (mmcr, dict(backbone="resnet50", num_views=8, optimizer="lars", base_learning_rate=0.8,
                 lars_eta=0.001, weight_decay=1e-6, max_epochs=100, warmup_duration=0.1,
-                final_lr_ratio=0.001, momentum_tau=0.99, hidden_dim=[8192, 8192],
+                final_lr_ratio=0.001, ema=0.99, hidden_dim=[8192, 8192],
                 projection_dim=512, zero_init_residual=True, batch_size=128), [1.0, 0.1] * 4),
     # NNCLR paper: ResNet-50, lr 0.3 x batch / 256, wd 1e-6, 1000 epochs, 10 warmup,
     # temperature 0.1, support set 98304; solo-learn's ImageNet-100 blur 1.0 / 0.1
@@ -63,8 +63,8 @@ def test_a_32px_folder_gets_the_cifar_views_normalisation_and_stem(method, small
                  max_epochs=1000, warmup_duration=0.01, tau=0.1, queue_size=98304),
      [1.0, 0.1]),
     # densecl configs/selfsup/densecl/densecl_imagenet_200ep.py: ResNet-50, SGD 0.03 per 256
-    # images (0.015 per 128), wd 1e-4, EMA 0.999, queue 65536, 200 epochs, blur p 0.5
-    (densecl, dict(backbone="resnet50", learning_rate=0.015, weight_decay=1e-4, ema=0.999,
+    # images, wd 1e-4, EMA 0.999, queue 65536, 200 epochs, blur p 0.5
+    (densecl, dict(backbone="resnet50", base_learning_rate=0.03, weight_decay=1e-4, ema=0.999,
                    queue_size=65536, max_epochs=200, warmup_duration=0.0, batch_size=32),
      [0.5, 0.5]),
     # msn configs/pretrain/msn_vits16.yaml: ViT-S/16, 96 px focal views, AdamW 1e-3, wd 0.04
@@ -80,7 +80,7 @@ def test_an_imagenet_size_folder_gets_the_official_imagenet_values(method, expec
     assert (args.mean, args.std) == IMAGENET
     assert getattr(args, "stem", "imagenet") == "imagenet"
     assert {k: getattr(args, k) for k in expected} == expected
-    assert blur_probabilities(method.view_transform(args, dataset_info(args)).views) == blur
+    assert blur_probabilities(method.pretrain_views(args, dataset_info(args))) == blur
     assert dataset_info(args).test_resize == 256
 
 
@@ -96,7 +96,7 @@ def test_explicit_flags_win(large):
     args = mmcr.get_args(["--dataset", "imagefolder", "--data-dir", large, "--image-size", "64"])
     assert args.recipe == "stl10" and args.image_size == 64
     args = mmcr.get_args(["--dataset", "synthetic", "--base-learning-rate", "1.0"])
-    assert args.learning_rate is None and args.base_learning_rate == 1.0  # then x batch / 256
+    assert args.learning_rate == 1.0 * 64 / 256 and args.base_learning_rate == 1.0
 
 
 def test_warmup_in_epochs_follows_the_run_length():

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from common.train import run_main
+from common.errors import run_main
 from helpers import read_metrics, use_tiny_cnn
 from mmcr import finetune, pretrain
 from mmcr import model as mmcr_model

@@ -1,0 +1,47 @@
+"""How a script ends: bad input is one line and exit code 2, a non-finite loss exit code 1, a
+preemption signal (after its checkpoint) exit code 75."""
+import sys
+
+import torch.distributed as dist
+
+PREEMPTED = 75  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing last.pt
+
+
+class UserError(Exception):
+    """Bad input: the scripts print the message as one line and exit with code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss went NaN/inf: the run stops with exit code 1; the last checkpoint is untouched."""
+
+
+class Preempted(Exception):
+    """A signal stopped the run at a step boundary, after its checkpoint: exit code 75."""
+
+
+def run_main(main, argv=None) -> None:
+    """Run a script's main(argv), turning UserError/NonFiniteLoss/Preempted into one line and an
+    exit code (2, 1, 75)."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED)
+    except RuntimeError as e:
+        if not peer_failure(e):
+            raise
+        print(f"error: another rank failed or stopped answering ({str(e).splitlines()[0][-160:]}"
+              "); its own error is above", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def peer_failure(e: Exception) -> bool:
+    """A collective that failed because a peer process died or timed out: gloo raises a
+    RuntimeError naming itself, NCCL a DistError."""
+    return dist.is_initialized() and (isinstance(e, dist.DistError) or "gloo" in str(e).lower())

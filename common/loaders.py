@@ -1,0 +1,115 @@
+"""Loaders: the resumable, sharded pretraining loader with its view executor, and the ordered,
+sharded evaluation loaders (kNN bank, test split)."""
+import itertools
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from common import dist
+from common.augment import MultiView, eval_transform
+from common.data import (ArrayImages, array_images, collate_images, decode, load_split,
+                         num_classes)
+from common.device_views import BatchViews
+from common.errors import UserError
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way: set_epoch(epoch, skip=n) leaves out
+    this rank's first n indices (the batches a mid-epoch checkpoint had already trained)."""
+
+    skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Rank r of W takes items r, r + W, r + 2W, ... in order: evaluation splits sharded
+    without the padding (repeated items) of DistributedSampler."""
+
+    def __init__(self, n: int, rank: int, world: int):
+        self.indices = range(rank, n, world)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn=None,
+                 persistent: bool = False) -> DataLoader:
+    """Shuffled, drop_last loader over this process's shard (its sampler: loader.sampler, a
+    ResumableSampler). The shuffle order is a pure function of (seed, epoch), also for a single
+    process; the loader's own generator (seed + rank, checkpointed) seeds the workers, so making
+    batches draws nothing from the global RNG. `persistent` workers (kept across epochs) only
+    for workers that draw no random numbers, or a resumed run would draw other views."""
+    if len(ds) < batch_size * d.world_size:
+        raise UserError(f"the dataset has {len(ds)} images, fewer than one global batch "
+                        f"({batch_size} x {d.world_size} processes): lower --batch-size")
+    sampler = ResumableSampler(ds, d.world_size, d.rank, shuffle=True, seed=seed,
+                               drop_last=True)
+    return DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers,
+                      pin_memory=d.device.type == "cuda", drop_last=True, collate_fn=collate_fn,
+                      persistent_workers=persistent and num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed + d.rank))
+
+
+def eval_loader(ds, batch_size: int, num_workers: int, d) -> DataLoader:
+    """Ordered loader over this rank's shard (kNN bank, test split)."""
+    return DataLoader(ds, batch_size, sampler=ShardSampler(len(ds), d.rank, d.world_size),
+                      num_workers=num_workers, pin_memory=d.device.type == "cuda")
+
+
+def to_device(batch, device):
+    """Every tensor of a (nested) batch moved to `device` (non-blocking from pinned memory)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return type(batch)(to_device(b, device) for b in batch)
+
+
+def pretrain_loader(args, info, views: list, d, with_boxes: bool = False):
+    """(loader, make_views) of a pretraining run: make_views(batch) -> (views, labels) on the
+    device, views a list of V (B, C, s, s), or (that list, boxes (B, V, 5)) `with_boxes`.
+    --augment device: the workers only decode (a dataset held as one array needs none) and
+    BatchViews makes the views on the device; --augment pil: MultiView makes them with PIL in
+    the workers. Both executors read the same View definitions."""
+    on_device = args.augment == "device"
+    transform = decode if on_device else MultiView(views, with_boxes)
+    ds = load_split(info, args.data_dir, "pretrain", transform, args.seed, args.dev)
+    collate, workers = (collate_images if on_device else None), args.num_workers
+    arrays = array_images(ds) if on_device else None
+    if arrays is not None:  # nothing to decode: each batch is one index op, no workers
+        ds, collate, workers = arrays, ArrayImages.collate, 0
+        dist.print0(f"data: {len(ds)} images in memory, each batch sliced in this process "
+                    "(the workers serve the kNN monitor)")
+    loader = train_loader(ds, args.batch_size, workers, d, args.seed, collate,
+                          persistent=on_device)  # decode-only workers draw nothing
+    if not on_device:
+        return loader, lambda batch: to_device(batch, d.device)
+    make = BatchViews(views, with_boxes)
+
+    def make_views(batch):
+        images, sizes, labels = batch  # uint8 (B, 3, H, W), (B, 2) on the CPU, (B,)
+        return make(to_device(images, d.device), sizes), to_device(labels, d.device)
+    return loader, make_views
+
+
+def knn_loaders(args, info, d):
+    """(bank loader, test loader, class count) of the kNN monitor: the labelled train split
+    and the test split with the eval transform; None when the data has no labelled splits."""
+    test_tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
+    bank = load_split(info, args.data_dir, "train", test_tf, args.seed, args.dev)
+    test = load_split(info, args.data_dir, "test", test_tf, args.seed, args.dev)
+    if bank is None or test is None or not num_classes(bank):
+        dist.print0("kNN monitor off: the data has no labelled train/ and val/ splits")
+        return None
+    return (eval_loader(bank, 512, args.num_workers, d),
+            eval_loader(test, 512, args.num_workers, d), num_classes(bank))
