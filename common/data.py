@@ -1,5 +1,5 @@
-"""Datasets (cifar10, cifar100, stl10, imagefolder, synthetic), their statistics and recipe family,
-and the uint8 form the device views start from (the loaders are common/loaders.py).
+"""Datasets (cifar10, cifar100, stl10, imagefolder, synthetic), their statistics and the recipe
+family of the data.
 
 Splits: "pretrain" (STL-10: train+unlabeled; a flat image folder is accepted, unlabeled),
 "train" (labelled, the kNN bank and finetune set) and "test".
@@ -13,7 +13,6 @@ import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import Dataset, Subset
-from torchvision.transforms.functional import pil_to_tensor
 
 from common import dist
 from common.synthetic import SyntheticShapes
@@ -196,64 +195,6 @@ def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, d
     if ds is not None and dev:
         ds = Subset(ds, range(min(len(ds), dev if train else max(1, dev // 4))))
     return ds
-
-
-def decode(img) -> torch.Tensor:
-    """The loader's only transform: a PIL image as uint8 (3, H, W)."""
-    return pil_to_tensor(img)
-
-
-def collate_images(batch):
-    """[(uint8 (3, H_i, W_i), label)] -> uint8 (B, 3, H, W) zero-padded to the largest image,
-    sizes (B, 2) as (H_i, W_i), labels (B,)."""
-    images, labels = zip(*batch)
-    sizes = torch.tensor([img.shape[1:] for img in images])
-    if (sizes == sizes[0]).all():  # one size (CIFAR, STL-10): a single copy
-        return torch.stack(images), sizes, torch.as_tensor(labels)
-    h, w = sizes.max(0).values.tolist()
-    out = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)
-    for i, img in enumerate(images):
-        out[i, :, :img.shape[1], :img.shape[2]] = img
-    return out, sizes, torch.as_tensor(labels)
-
-
-class ArrayImages(torch.utils.data.Dataset):
-    """A dataset held as one uint8 array (torchvision's CIFAR and STL-10 are), served a batch at
-    a time: the DataLoader hands __getitems__ a batch's indices and the batch is one index op,
-    with no PIL image made and decoded per image and no worker needed.
-    images (N, 3, H, W) uint8, labels (N,) -> batches as collate_images makes them."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitems__(self, indices):
-        idx = torch.as_tensor(indices)
-        sizes = torch.tensor(self.images.shape[2:]).repeat(len(idx), 1)  # (B, 2)
-        return self.images[idx], sizes, self.labels[idx]
-
-    @staticmethod
-    def collate(batch):
-        return batch  # __getitems__ made it
-
-
-def array_images(ds) -> ArrayImages | None:
-    """ds, or the dataset under --dev's Subset, as ArrayImages where it keeps its images in a
-    uint8 array `data` (CIFAR: N x H x W x 3, STL-10: N x 3 x H x W); else None."""
-    indices = None
-    if isinstance(ds, torch.utils.data.Subset):
-        ds, indices = ds.dataset, list(ds.indices)
-    data = getattr(ds, "data", None)
-    if str(getattr(data, "dtype", "")) != "uint8" or data.ndim != 4 or 3 not in data.shape[1::2]:
-        return None
-    images = torch.as_tensor(data)  # shares the array's memory
-    images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
-    labels = torch.as_tensor(ds.targets if hasattr(ds, "targets") else ds.labels).long()
-    if indices is not None:
-        images, labels = images[indices], labels[indices]
-    return ArrayImages(images.contiguous(), labels)
 
 
 def num_classes(ds) -> int:

@@ -1,14 +1,9 @@
-"""Views made on the training device for a whole batch at once (--augment device, the default).
-
-The loader only decodes: each image arrives once, as uint8 (3, H, W). BatchViews then draws every
-view's random parameters per image, from the same distributions as the PIL views of
-common/augment.py (the reference, --augment pil), and applies each op to the whole batch with
-tensor ops: the crops and flips as two matrix products per view (PIL's resampling filter),
-colour jitter in a random order per image (one blend per position, hue only where drawn),
-grayscale, Gaussian blur (one grouped convolution) and solarisation on the images that draw
-them, normalisation. The parameters are drawn with the CPU generator and sent to the device
-(pinned, non-blocking), so making views never waits for the GPU, and a CPU and a GPU run with
-one seed draw the same views.
+"""The device executor of common/augment.py's Views (--augment device, the default): the loader
+only decodes, and BatchViews makes every view of a whole batch on the training device with
+tensor ops, drawing each image's parameters from the same distributions as the PIL executor.
+The parameters are drawn with the CPU generator and sent to the device (pinned, non-blocking),
+so making views never waits for the GPU, and a CPU and a GPU run with one seed draw the same
+views.
 """
 import math
 from dataclasses import replace
@@ -225,21 +220,22 @@ def shared(view: View) -> View:
 
 
 class BatchViews:
-    """The device executor: makes the views of `views` (common.augment.View) for a batch on its
-    device:
-    (uint8 images (B, 3, H, W), sizes (B, 2)) -> list of V float (B, 3, s_v, s_v), and with
-    `with_boxes` also boxes (B, V, 5) = (top, left, height, width, flipped), as fractions of
-    each image, the same as MultiView's. The k views with the same shared() settings are made
-    together, as one batch of k*B."""
+    """The device executor: makes the views of `views` (common.augment.View) of a loader batch
+    on `device`: (uint8 images (B, 3, H, W), sizes (B, 2), labels (B,)) on the CPU -> (views,
+    labels) on the device, views a list of V float (B, 3, s_v, s_v), or with `with_boxes`
+    (that list, boxes (B, V, 5) = (top, left, height, width, flipped) as fractions of each
+    image, as MultiView's). The k views with the same shared() settings are made together, as
+    one batch of k*B."""
 
-    def __init__(self, views, with_boxes: bool = False):
-        self.views, self.with_boxes = list(views), with_boxes
+    def __init__(self, views, with_boxes: bool = False, device=torch.device("cpu")):
+        self.views, self.with_boxes, self.device = list(views), with_boxes, device
         self.groups = {}  # shared settings -> the positions they fill, in order
         for i, view in enumerate(self.views):
             self.groups.setdefault(shared(view), []).append(i)
 
-    def __call__(self, images: torch.Tensor, sizes: torch.Tensor):
-        """images on the device, sizes on the CPU."""
+    def __call__(self, batch):
+        images, sizes, labels = batch
+        images = images.to(self.device, non_blocking=True)
         x, b = images.float().div_(255), images.shape[0]
         out, boxes = [None] * len(self.views), [None] * len(self.views)
         for positions in self.groups.values():
@@ -247,7 +243,8 @@ class BatchViews:
             views, box = self.make(group, x, sizes)  # (k*B, 3, s, s), (k*B, 5)
             for j, i in enumerate(positions):
                 out[i], boxes[i] = views[j * b:(j + 1) * b], box[j * b:(j + 1) * b]
-        return (out, torch.stack(boxes, 1)) if self.with_boxes else out
+        labels = labels.to(self.device, non_blocking=True)
+        return ((out, torch.stack(boxes, 1)) if self.with_boxes else out), labels
 
     @staticmethod
     def make(group, x, sizes):

@@ -33,7 +33,8 @@ from PIL import Image  # noqa: E402
 
 from common.augment import MultiView  # noqa: E402
 from common.backbone import feature_map, resnet  # noqa: E402
-from common.data import ArrayImages, array_images, dataset_info, decode  # noqa: E402
+from common.data import dataset_info  # noqa: E402
+from common.loaders import ArrayImages, array_images, decode  # noqa: E402
 from common.device_views import BatchViews  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
 from common.runtime import keep_freed_memory  # noqa: E402
@@ -104,12 +105,12 @@ def views_per_s(module, flags, augment: str, count: int, device) -> float:
                                              collate_fn=ArrayImages.collate)
     else:
         loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers)
-    make = BatchViews(views, boxes)
+    make = BatchViews(views, boxes, device)
     batch_iter = iter(loader)
 
     def next_views():
         batch = next(batch_iter)
-        return make(batch[0].to(device), batch[1]) if on_device else batch[0]
+        return make(batch)[0] if on_device else batch[0]
 
     next_views()
     return best_rate(next_views, batches, per_batch, device)
@@ -122,10 +123,11 @@ def views_in_memory_per_s(module, flags, count: int, device) -> float:
     views = module.pretrain_views(args, dataset_info(args))
     images, sizes, _ = array_images(InMemory(args.batch_size, None)).__getitems__(
         range(args.batch_size))
-    images, make = images.to(device), BatchViews(views, with_boxes(module))
+    images, make = images.to(device), BatchViews(views, with_boxes(module), device)
+    labels = torch.zeros(len(images))
     per_batch = args.batch_size * len(views)
-    make(images, sizes)
-    return best_rate(lambda: make(images, sizes), -(-count // (3 * per_batch)), per_batch,
+    make((images, sizes, labels))
+    return best_rate(lambda: make((images, sizes, labels)), -(-count // (3 * per_batch)), per_batch,
                      device)
 
 

@@ -9,7 +9,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from common import data
+from common import loaders
 from common import device_views as dv
 from common.augment import MultiView, View
 
@@ -46,7 +46,8 @@ def test_crop_parameters_follow_torchvision(height, width, scale):
 
 def _views(view, images, with_boxes=False):
     sizes = torch.tensor([images.shape[-2:]] * images.shape[0])
-    return dv.BatchViews([view], with_boxes)((images * 255).round().to(torch.uint8), sizes)
+    u8 = (images * 255).round().to(torch.uint8)
+    return dv.BatchViews([view], with_boxes)((u8, sizes, torch.zeros(len(u8))))[0]
 
 
 def test_flip_and_grayscale_rates_and_jitter_probability():
@@ -75,7 +76,7 @@ def test_views_made_together_keep_their_own_probabilities():
     make = dv.BatchViews([plain, dark, plain])
     assert len(make.groups) == 1
     images = (torch.rand(64, 3, 8, 8) * 255).to(torch.uint8)
-    first, second, third = make(images, torch.tensor([[8, 8]] * 64))
+    (first, second, third), _ = make((images, torch.tensor([[8, 8]] * 64), torch.zeros(64)))
     for out in (first, third):  # never grayscale
         assert ((out[:, 0] - out[:, 1]).abs().amax((1, 2)) > 0.01).all()
     assert (second[:, 0] == second[:, 1]).all() and (second[:, 1] == second[:, 2]).all()
@@ -196,31 +197,31 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = self.data[i] if hasattr(self, "targets") else self.data[i].transpose(1, 2, 0)
         label = self.targets[i] if hasattr(self, "targets") else int(self.labels[i])
-        return data.decode(Image.fromarray(image)), label
+        return loaders.decode(Image.fromarray(image)), label
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_array_datasets_give_the_batches_of_the_per_image_path(channels_last):
     ds = torch.utils.data.Subset(ArrayDataset(channels_last), range(32))  # as --dev 32
     order = torch.randperm(32).tolist()
-    fast = torch.utils.data.DataLoader(data.array_images(ds), 8, sampler=order,
-                                       collate_fn=data.ArrayImages.collate)
-    slow = torch.utils.data.DataLoader(ds, 8, sampler=order, collate_fn=data.collate_images)
+    fast = torch.utils.data.DataLoader(loaders.array_images(ds), 8, sampler=order,
+                                       collate_fn=loaders.ArrayImages.collate)
+    slow = torch.utils.data.DataLoader(ds, 8, sampler=order, collate_fn=loaders.collate_images)
     batches = list(zip(fast, slow))
     assert len(batches) == 4
     for ours, reference in batches:  # images (8, 3, 7, 6), sizes (8, 2), labels (8,)
         assert all(torch.equal(a, b) for a, b in zip(ours, reference))
-    assert data.array_images(torch.utils.data.TensorDataset(torch.zeros(4))) is None  # no array
+    assert loaders.array_images(torch.utils.data.TensorDataset(torch.zeros(4))) is None  # no array
 
 
 def test_padded_images_of_different_sizes():
     images = [(torch.rand(3, 20, 30) * 255).byte(), (torch.rand(3, 40, 10) * 255).byte()]
-    batch, sizes, labels = data.collate_images([(images[0], 0), (images[1], 1)])
+    batch, sizes, labels = loaders.collate_images([(images[0], 0), (images[1], 1)])
     assert batch.shape == (2, 3, 40, 30) and sizes.tolist() == [[20, 30], [40, 10]]
     assert torch.equal(batch[1, :, :40, :10], images[1]) and batch[1, :, :, 10:].sum() == 0
     torch.manual_seed(0)
     view = View(8, MEAN, STD, scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.0)
-    (out,), boxes = dv.BatchViews([view], with_boxes=True)(batch, sizes)
+    ((out,), boxes), _ = dv.BatchViews([view], with_boxes=True)((batch, sizes, labels))
     # a 40 x 10 image has no full-area crop of ratio 3/4..4/3: the fallback stays inside it
     assert (boxes[:, 0, 0] + boxes[:, 0, 2] <= 1 + 1e-6).all()
     assert (boxes[:, 0, 1] + boxes[:, 0, 3] <= 1 + 1e-6).all()
