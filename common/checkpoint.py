@@ -103,12 +103,13 @@ def restore(ckpt_path, method, args, model, optimizer, scaler, d, loader_generat
     if "optimizer" not in ckpt:
         raise UserError(f"{ckpt_path} holds weights only (a best.pt): resume from last.pt")
     saved = {RENAMED.get(k, k): v for k, v in ckpt["args"].items()}
-    changed = sorted(k for k, v in saved.items()
-                     if k not in RESUMABLE and vars(args).get(k, v) != v)
+    changed = [f"--{k.replace('_', '-')}: the checkpoint has {v}, this command {vars(args)[k]}"
+               for k, v in sorted(saved.items())
+               if k not in RESUMABLE and vars(args).get(k, v) != v]
     if changed or ckpt["world_size"] != d.world_size:
         what = changed or [f"world size {ckpt['world_size']} -> {d.world_size}"]
         raise UserError(f"cannot resume {ckpt_path}: it was trained with other settings "
-                        f"({', '.join(what)}); use the original flags or a new --output-dir")
+                        f"({'; '.join(what)}); use the original flags or a new --output-dir")
     if args.max_epochs < ckpt["epoch"] + (ckpt.get("batch", 0) > 0):
         raise UserError(f"cannot resume {ckpt_path} with --max-epochs {args.max_epochs}: it "
                         f"has already trained {ckpt['epoch']} epochs")

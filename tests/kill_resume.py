@@ -1,9 +1,10 @@
-"""Kill-and-resume check (a script; tests/test_cluster.py runs it for MMCR): pretrain once
-straight through, then again killed with SIGKILL at random moments and continued with
---resume auto each time, and compare the final weights and buffers. Each kill must lose at most
---checkpoint-every of training.
+"""Kill-and-resume check (a script; tests/test_cluster.py runs it for every method): pretrain
+once straight through, then again stopped at random moments, first by SIGTERM (preemption, exit
+code 75), then by SIGKILL, and continued with --resume auto each time, and compare the final
+weights and buffers. Each kill must lose at most --checkpoint-every of training and the step
+it was in.
 
-    python tests/kill_resume.py --method densecl
+    python tests/kill_resume.py --method all          # every method at its SMALL size
     python tests/kill_resume.py --method msn --kills 3 -- --arch vit_tiny --depth 2
 """
 import argparse
@@ -21,9 +22,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8",
-         "--num-workers", "0", "--eval-every", "0", "--dev", "96", "--max-epochs", "2",
+         "--num-workers", "0", "--eval-every", "0", "--dev", "48", "--max-epochs", "2",
          "--checkpoint-every", "0.001"]  # last.pt every 60 ms of training
 EVERY = float(FLAGS[-1]) * 60  # seconds between checkpoints
+SMALL = {"mmcr": ["--num-views", "2"],  # each method at a size that trains in seconds
+         "nnclr": ["--queue-size", "16", "--hidden-dim", "32", "--pred-hidden-dim", "32",
+                   "--projection-dim", "16"],
+         "densecl": ["--queue-size", "16", "--projection-dim", "16"],
+         "msn": ["--arch", "vit_tiny", "--depth", "1", "--patch-size", "4", "--focal-views", "2",
+                 "--num-prototypes", "16"]}
 
 
 def written_since(path: Path, moment: float) -> bool:
@@ -31,9 +38,11 @@ def written_since(path: Path, moment: float) -> bool:
 
 
 def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: int = 0):
-    """(straight model state, killed-and-resumed model state, kills made). Up to `kills`
-    times a process is killed a random 0-1 s after it has trained and checkpointed once; the
-    last one runs to the end."""
+    """(straight model state, interrupted-and-resumed model state, interruptions made). Up to
+    `kills` times a process is stopped a random 0-1 s after it has trained and checkpointed
+    once: the first time by SIGTERM (preemption: it must write last.pt at a step boundary and
+    exit with code 75), then by SIGKILL; each continues with --resume auto, and the last one
+    runs to the end."""
     command = [sys.executable, f"{method}/pretrain.py", *FLAGS, *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run([*command, "--output-dir", str(out / "straight")], cwd=ROOT, env=env,
@@ -42,7 +51,7 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
     # a kill loses the steps since the last checkpoint: the interval, the step it was in and
     # the checkpoint being written
     rate = min(json.loads(line)["images_per_s"] for line in
-                 (out / "straight" / "metrics.jsonl").read_text().splitlines())
+               (out / "straight" / "metrics.jsonl").read_text().splitlines())
     most = EVERY + 2 * int(FLAGS[FLAGS.index("--batch-size") + 1]) / rate + 0.25
     run, rng, made = out / "run", random.Random(seed), 0
     while True:
@@ -57,11 +66,16 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
         time.sleep(rng.uniform(0.0, 1.0))
         if proc.poll() is not None:
             break
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        preempt = made == 0
+        proc.send_signal(signal.SIGTERM if preempt else signal.SIGKILL)
+        code = proc.wait()
         made += 1
+        step = torch.load(run / "last.pt", weights_only=True)["step"]
+        if preempt:
+            assert code == 75 or step == total, f"SIGTERM: exit code {code}, not 75"
+            continue
         lost = time.time() - (run / "last.pt").stat().st_mtime
-        if torch.load(run / "last.pt", weights_only=True)["step"] < total:  # still training
+        if step < total:  # still training
             assert lost < most, f"kill {made} lost {lost:.2f} s of training (at most {most:.2f})"
     if proc.wait():
         raise SystemExit(f"the last resumed run exited with {proc.returncode}")
@@ -70,22 +84,28 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
     return *states, made
 
 
+def check(method: str, flags: list, kills: int, seed: int) -> bool:
+    """Run kill_and_resume for one method and print what it found; True if exact."""
+    with tempfile.TemporaryDirectory() as tmp:
+        straight, resumed, made = kill_and_resume(method, flags, Path(tmp), kills, seed)
+    differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    print(f"{method}: stopped {made} times (SIGTERM, then SIGKILL); "
+          f"{len(straight) - len(differ)} of {len(straight)} tensors equal to the "
+          "uninterrupted run's" + (f"; differ: {differ[:5]}" if differ else ""), flush=True)
+    return not differ
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--method", required=True, choices=["mmcr", "msn", "densecl", "nnclr"])
-    p.add_argument("--kills", type=int, default=3, help="kills at most (fewer if a run "
-                   "finishes first)")
+    p.add_argument("--method", required=True, choices=[*SMALL, "all"])
+    p.add_argument("--kills", type=int, default=2, help="interruptions at most (fewer if a run "
+                   "finishes first): the first SIGTERM, the others SIGKILL")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
-    p.add_argument("flags", nargs="*", help="more pretrain.py flags, after --")
+    p.add_argument("flags", nargs="*", help="pretrain.py flags after --; unset: SMALL's")
     bench = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        straight, resumed, kills = kill_and_resume(bench.method, bench.flags, Path(tmp),
-                                                   bench.kills, bench.seed)
-    differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
-    print(f"{bench.method}: killed {kills} times; {len(straight) - len(differ)} of "
-          f"{len(straight)} tensors equal to the uninterrupted run's" +
-          (f"; differ: {differ[:5]}" if differ else ""))
-    sys.exit(1 if differ else 0)
+    methods = list(SMALL) if bench.method == "all" else [bench.method]
+    exact = [check(m, bench.flags or SMALL[m], bench.kills, bench.seed) for m in methods]
+    sys.exit(0 if all(exact) else 1)
 
 
 if __name__ == "__main__":

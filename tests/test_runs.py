@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from common import backbone
 from common.errors import run_main
 from helpers import read_metrics, use_tiny_cnn
 from mmcr import finetune, pretrain
@@ -19,7 +20,7 @@ TINY = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--
 @pytest.fixture
 def tiny(monkeypatch):
     use_tiny_cnn(monkeypatch, mmcr_model)
-    use_tiny_cnn(monkeypatch, finetune)
+    use_tiny_cnn(monkeypatch, backbone)
 
 
 def fails(main, argv, capsys, match):
@@ -78,7 +79,7 @@ def test_refused_resume_writes_nothing(pretrained, tmp_path, tiny, capsys):
                           "--resume", str(pretrained / "best.pt")], capsys, "weights only")
     fails(pretrain.main, [*TINY, "--dev", "32", "--max-epochs", "1", "--num-views", "3",
                           "--output-dir", str(new), "--resume", str(pretrained / "last.pt")],
-          capsys, "num_views")
+          capsys, "--num-views: the checkpoint has 2, this command 3")
     assert not new.exists()
 
 
@@ -130,3 +131,27 @@ def test_image_folder_without_class_folders_is_one_line(tmp_path, capsys):
         Image.new("RGB", (16, 16)).save(tmp_path / split / "x.png")
     fails(pretrain.main, [*TINY, "--dataset", "imagefolder", "--data-dir", str(tmp_path),
                           "--output-dir", str(tmp_path / "r")], capsys, "no class folders")
+
+
+def test_a_renamed_flag_names_its_new_name(tmp_path, capsys):
+    fails(pretrain.main, [*TINY, "--momentum-tau", "0.99", "--output-dir", str(tmp_path / "r")],
+          capsys, "--momentum-tau was renamed: use --ema")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_checkpoint_written_before_the_renames_resumes_and_finetunes(tmp_path, tiny, capsys):
+    # args as pretrain.py wrote them before --momentum-tau became --ema
+    flags = [*TINY, "--dev", "32", "--ema", "0.9", "--eval-every", "0",
+             "--output-dir", str(tmp_path)]
+    pretrain.main([*flags, "--max-epochs", "1"])
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    ckpt["args"]["momentum_tau"] = ckpt["args"].pop("ema")
+    torch.save(ckpt, tmp_path / "last.pt")
+    capsys.readouterr()
+    fails(pretrain.main, [*TINY, "--dev", "32", "--eval-every", "0", "--max-epochs", "2",
+                          "--output-dir", str(tmp_path), "--resume", "auto"], capsys,
+          "--ema: the checkpoint has 0.9, this command None")
+    pretrain.main([*flags, "--max-epochs", "2", "--resume", "auto"])  # the same momentum
+    assert read_metrics(tmp_path)[-1]["epoch"] == 2
+    finetune.main(["--checkpoint", str(tmp_path / "last.pt"), "--batch-size", "8",
+                   "--max-epochs", "1", "--num-workers", "0"])
