@@ -2,6 +2,7 @@
 the device views start from), and the ordered, sharded evaluation loaders (kNN bank, test
 split)."""
 import itertools
+import signal
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -72,6 +73,15 @@ def array_images(ds) -> ArrayImages | None:
     return ArrayImages(images.contiguous(), labels)
 
 
+def ignore_run_signals(worker_id: int) -> None:
+    """worker_init_fn: a DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT. A signal sent to
+    the whole process group (timeout, kill -TERM -PGID, Kubernetes, SLURM, torchrun) then
+    reaches only the main process, which checkpoints at the next step boundary and shuts its
+    workers down; a worker that died of it would crash the run before its checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way: set_epoch(epoch, skip=n) leaves out
     this rank's first n indices (the batches a mid-epoch checkpoint had already trained)."""
@@ -118,13 +128,15 @@ def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn
     return DataLoader(ds, batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=d.device.type == "cuda", drop_last=True, collate_fn=collate_fn,
                       persistent_workers=persistent and num_workers > 0,
+                      worker_init_fn=ignore_run_signals,
                       generator=torch.Generator().manual_seed(seed + d.rank))
 
 
 def eval_loader(ds, batch_size: int, num_workers: int, d) -> DataLoader:
     """Ordered loader over this rank's shard (kNN bank, test split)."""
     return DataLoader(ds, batch_size, sampler=ShardSampler(len(ds), d.rank, d.world_size),
-                      num_workers=num_workers, pin_memory=d.device.type == "cuda")
+                      num_workers=num_workers, pin_memory=d.device.type == "cuda",
+                      worker_init_fn=ignore_run_signals)
 
 
 def to_device(batch, device):

@@ -113,7 +113,7 @@ class Progress:
             mine = ckpt["ranks"][d.rank]
             self.sums, self.wait, self.seconds = mine["sums"], mine["wait"], mine["seconds"]
         self.fresh = not resume_from
-        self.log = RunLog(self.out_dir, vars(args), d.is_main)
+        self.log = RunLog(self.out_dir, vars(args), d.is_main, fresh=self.fresh)
         self.finite, self.interrupts = FiniteCheck(), Interrupts(args.checkpoint_every, d)
 
     def __enter__(self):

@@ -1,7 +1,8 @@
 """Kill-and-resume check (a script; tests/test_cluster.py runs it for every method): pretrain
-once straight through, then again stopped at random moments, first by SIGTERM (preemption, exit
-code 75), then by SIGKILL, and continued with --resume auto each time, and compare the final
-weights and buffers. Each kill must lose at most --checkpoint-every of training and the step
+once straight through on an image folder with 2 loader workers, then again stopped at random
+moments by a signal to its whole process group, first SIGTERM (preemption: exit code 75), then
+SIGKILL, and continued with --resume auto each time, and compare the final weights and
+buffers. Each kill must lose at most --checkpoint-every of training and the step
 it was in.
 
     python tests/kill_resume.py --method all          # every method at its SMALL size
@@ -21,8 +22,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8",
-         "--num-workers", "0", "--eval-every", "0", "--dev", "48", "--max-epochs", "2",
+sys.path.insert(0, str(ROOT))
+from common.synthetic import SyntheticShapes  # noqa: E402
+# an image folder decoded by 2 DataLoader workers, as a real run has them
+FLAGS = ["--dataset", "imagefolder", "--image-size", "16", "--batch-size", "8",
+         "--num-workers", "2", "--eval-every", "0", "--max-epochs", "2",
          "--checkpoint-every", "0.001"]  # last.pt every 60 ms of training
 EVERY = float(FLAGS[-1]) * 60  # seconds between checkpoints
 SMALL = {"mmcr": ["--num-views", "2"],  # each method at a size that trains in seconds
@@ -31,6 +35,16 @@ SMALL = {"mmcr": ["--num-views", "2"],  # each method at a size that trains in s
          "densecl": ["--queue-size", "16", "--projection-dim", "16"],
          "msn": ["--arch", "vit_tiny", "--depth", "1", "--patch-size", "4", "--focal-views", "2",
                  "--num-prototypes", "16"]}
+
+
+def image_folder(root: Path, n: int = 48) -> Path:
+    """n synthetic 16 px images as PNG files in root/train/<class>/."""
+    shapes = SyntheticShapes(n, 16, seed=0)
+    for i in range(n):
+        image, label = shapes[i]
+        (root / "train" / str(label)).mkdir(parents=True, exist_ok=True)
+        image.save(root / "train" / str(label) / f"{i}.png")
+    return root
 
 
 def written_since(path: Path, moment: float) -> bool:
@@ -43,7 +57,8 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
     once: the first time by SIGTERM (preemption: it must write last.pt at a step boundary and
     exit with code 75), then by SIGKILL; each continues with --resume auto, and the last one
     runs to the end."""
-    command = [sys.executable, f"{method}/pretrain.py", *FLAGS, *flags]
+    data = image_folder(out / "data")
+    command = [sys.executable, f"{method}/pretrain.py", *FLAGS, "--data-dir", str(data), *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run([*command, "--output-dir", str(out / "straight")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
@@ -58,7 +73,8 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
         started = time.time()
         resume = ["--resume", "auto"] if made else []
         proc = subprocess.Popen([*command, "--output-dir", str(run), *resume], cwd=ROOT,
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # its own process group, workers too
         if made == kills:
             break
         while proc.poll() is None and not written_since(run / "last.pt", started):
@@ -67,7 +83,8 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
         if proc.poll() is not None:
             break
         preempt = made == 0
-        proc.send_signal(signal.SIGTERM if preempt else signal.SIGKILL)
+        # to the whole process group, as timeout, Kubernetes and SLURM's step cgroup signal
+        os.killpg(proc.pid, signal.SIGTERM if preempt else signal.SIGKILL)
         code = proc.wait()
         made += 1
         step = torch.load(run / "last.pt", weights_only=True)["step"]

@@ -155,3 +155,17 @@ def test_a_checkpoint_written_before_the_renames_resumes_and_finetunes(tmp_path,
     assert read_metrics(tmp_path)[-1]["epoch"] == 2
     finetune.main(["--checkpoint", str(tmp_path / "last.pt"), "--batch-size", "8",
                    "--max-epochs", "1", "--num-workers", "0"])
+
+
+def test_a_start_over_moves_the_earlier_logs_aside(tmp_path, tiny, capsys):
+    flags = [*TINY, "--dev", "16", "--max-epochs", "1", "--eval-every", "0",
+             "--output-dir", str(tmp_path)]
+    pretrain.main(flags)
+    for name in ("last.pt", "backbone.pt"):  # as a run killed before its first checkpoint
+        (tmp_path / name).unlink()
+    pretrain.main([*flags, "--resume", "auto"])
+    assert "starting over, its logs moved to" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]  # one run, not two
+    (aside,) = tmp_path.glob("stopped-*")
+    assert len(read_metrics(aside)) == 1 and (aside / "args.json").is_file()
+    assert len(list(tmp_path.glob("events.out.tfevents*"))) == 1
