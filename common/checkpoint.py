@@ -59,6 +59,9 @@ def save_checkpoint(state: dict, path: Path) -> None:
 def load_checkpoint(path, method: str) -> dict:
     """Load a checkpoint written by `method`'s pretrain.py, with one-line errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a file: give its last.pt "
+                        f"({path / 'last.pt'}) or best.pt")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:

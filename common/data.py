@@ -54,17 +54,30 @@ def data_family(dataset: str, data_dir, image_size: int | None) -> str:
 
 
 def first_image_size(root: Path) -> int:
-    """Shorter side of the first image below `root` (sorted walk, train/ before val/)."""
+    """Shorter side of the first readable image below `root` (sorted walk, train/ before val/);
+    files with an image extension that do not open as images are passed over with a warning
+    each, and a folder without any readable image is one error line."""
     if not root.is_dir():
         raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
                         " or a root with train/ and val/ class folders)")
+    unreadable = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(f for f in subfolders if f != "runs")
-        for name in sorted(files):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+        for name in sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)):
+            try:
                 with Image.open(Path(folder, name)) as img:
-                    return min(img.size)
-    raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+                    size = min(img.size)
+            except (OSError, SyntaxError, ValueError):  # PIL's errors, as SkipUnreadable's
+                unreadable.append(Path(folder, name))
+                continue
+            for i, path in enumerate(unreadable, 1):
+                print(f"warning: skipping unreadable image {path}; {i} unreadable so far",
+                      file=sys.stderr, flush=True)
+            return size
+    example = f" ({len(unreadable)} files that are not images, e.g. {unreadable[0]})" \
+        if unreadable else ""
+    raise UserError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under "
+                    f"{root}{example}")
 
 
 def resolve_data(args) -> None:

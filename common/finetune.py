@@ -123,6 +123,19 @@ def probe_lr(args, step: int, total: int, steps_per_epoch: int) -> float:
     return warmup_cosine(step, total, int(args.warmup_duration * total), args.learning_rate)
 
 
+def probe_batch(images: int, batch_size: int, world: int) -> int:
+    """Images per process per step: --batch-size, or the whole training set as one global
+    batch when it holds fewer images (with a notice), as a probe of a small run needs."""
+    if images >= batch_size * world:
+        return batch_size
+    if images < world:
+        raise UserError(f"{images} training images cannot be shared by {world} processes")
+    dist.print0(f"notice: {images} training images, fewer than one global batch "
+                f"({batch_size} x {world}): each step takes the whole set ({images // world} "
+                "per process)")
+    return images // world
+
+
 def output_dir(args) -> Path:
     """The finetune run directory; refuses one that already holds a finetune run."""
     out = Path(args.output_dir or Path(args.checkpoint).parent / f"finetune-{args.finetune_type}")
@@ -140,7 +153,8 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=
     tune_process(args, d.rank)
     out = output_dir(args)
     train, test = _data(args, pre_args)
-    loader = train_loader(train, args.batch_size, args.num_workers, d, args.seed)
+    loader = train_loader(train, probe_batch(len(train), args.batch_size, d.world_size),
+                          args.num_workers, d, args.seed)
     test_loader = eval_loader(test, args.batch_size, args.num_workers, d)
     linear = args.finetune_type == "linear"
     backbone.requires_grad_(not linear)
@@ -157,7 +171,7 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=
     bn = args.linear_bn if linear else "trained"
     dist.print0(f"finetune ({args.finetune_type}, BatchNorm {bn}): {len(train)} images, "
                 f"{classes} classes, global batch "
-                f"{args.batch_size * d.world_size}, {args.optimizer} lr {args.learning_rate:g} "
+                f"{loader.batch_size * d.world_size}, {args.optimizer} lr {args.learning_rate:g} "
                 f"({args.schedule}) | {out}")
     step, record = 0, {}
     for epoch in range(args.max_epochs):

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from common.data import DATASETS, FAMILIES, data_family, resolve_data
+from common.dist import print0
 from common.runtime import cpu_cores
 
 
@@ -165,10 +166,23 @@ def apply_recipe(args, recipes: dict) -> None:
         setattr(args, key, recipe[key])
     for key in recipe:
         if isinstance(getattr(args, key), Epochs):
-            setattr(args, key, min(1.0, getattr(args, key) / args.max_epochs))
+            setattr(args, key, share_of_run(key, getattr(args, key), args.max_epochs))
     unset = [k for k, v in vars(args).items() if isinstance(v, FromRecipe)]
     assert not unset, f"flags with a recipe default that no recipe sets: {unset}"
     resolve_data(args)
+
+
+def share_of_run(key: str, epochs: Epochs, max_epochs: int) -> float:
+    """A recipe's value in epochs as a fraction of the run. The references' warmups (10 or 15
+    epochs) are written for runs of 100-1000 epochs: in a short run they would take the whole
+    run, so they are capped at a tenth of it, with a notice (give the flag to keep more)."""
+    share = epochs / max_epochs
+    if share <= 0.1:
+        return share
+    print0(f"notice: the recipe's --{key.replace('_', '-')} of {epochs!r} is {share:.0%} of "
+           f"--max-epochs {max_epochs}: using a tenth of the run (give "
+           f"--{key.replace('_', '-')} to set it)")
+    return 0.1
 
 
 def resolve_learning_rate(args, global_batch: int) -> None:

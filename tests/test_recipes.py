@@ -99,14 +99,27 @@ def test_explicit_flags_win(large):
     assert args.learning_rate == 1.0 * 64 / 256 and args.base_learning_rate == 1.0
 
 
-def test_warmup_in_epochs_follows_the_run_length():
+def test_warmup_in_epochs_follows_the_run_length(capsys):
     # solo-learn warms up for 10 epochs whatever the run length; MSN for 15
     assert nnclr.get_args(["--dataset", "synthetic", "--max-epochs", "100"]).warmup_duration \
         == pytest.approx(0.1)
-    assert msn.get_args(["--dataset", "synthetic", "--max-epochs", "30"]).warmup_duration \
-        == pytest.approx(0.5)
+    assert msn.get_args(["--dataset", "synthetic", "--max-epochs", "300"]).warmup_duration \
+        == pytest.approx(0.05)
+    assert "warmup" not in capsys.readouterr().out
     assert nnclr.get_args(["--dataset", "synthetic", "--max-epochs", "100",
                            "--warmup-duration", "0.3"]).warmup_duration == 0.3
+
+
+@pytest.mark.parametrize("method, recipe_epochs", [(nnclr, 10), (msn, 15)])
+def test_a_recipe_warmup_takes_at_most_a_tenth_of_a_short_run(method, recipe_epochs, capsys):
+    args = method.get_args(["--dataset", "synthetic", "--max-epochs", "10"])
+    assert args.warmup_duration == pytest.approx(0.1)  # 1 of 10 epochs, not all of them
+    out = capsys.readouterr().out
+    assert f"--warmup-duration of {recipe_epochs} epochs is {recipe_epochs * 10}% of " \
+           "--max-epochs 10: using a tenth of the run" in out
+    given = method.get_args(["--dataset", "synthetic", "--max-epochs", "10",
+                             "--warmup-duration", "0.5"])
+    assert given.warmup_duration == 0.5 and "warmup" not in capsys.readouterr().out
 
 
 def test_support_set_larger_than_the_data_is_shrunk(tmp_path, monkeypatch, capsys):

@@ -169,3 +169,34 @@ def test_a_start_over_moves_the_earlier_logs_aside(tmp_path, tiny, capsys):
     (aside,) = tmp_path.glob("stopped-*")
     assert len(read_metrics(aside)) == 1 and (aside / "args.json").is_file()
     assert len(list(tmp_path.glob("events.out.tfevents*"))) == 1
+
+
+def test_a_non_image_first_in_its_folder_is_skipped(tmp_path, tiny, capsys):
+    root = _image_folder(tmp_path / "data", 16)
+    bad = root / "train" / "a" / "0 notes.png"  # sorts first; the size probe meets it first
+    bad.write_text("not an image")
+    pretrain.main(["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "4",
+                   "--num-views", "2", "--num-workers", "0", "--max-epochs", "1",
+                   "--num-neighbours", "5", "--output-dir", str(tmp_path / "run")])
+    assert f"skipping unreadable image {bad}" in capsys.readouterr().err
+    assert (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_folder_without_a_readable_image_is_one_line(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_text("not an image")
+    fails(pretrain.main, ["--dataset", "imagefolder", "--data-dir", str(tmp_path)], capsys,
+          "no readable images")
+
+
+def test_a_run_folder_as_checkpoint_names_its_last_pt(pretrained, capsys):
+    fails(finetune.main, ["--checkpoint", str(pretrained)], capsys,
+          f"is a folder, not a file: give its last.pt ({pretrained / 'last.pt'})")
+
+
+def test_a_probe_on_fewer_images_than_a_batch_takes_them_all(pretrained, tiny, capsys):
+    finetune.main(["--checkpoint", str(pretrained / "last.pt"), "--max-epochs", "1",
+                   "--num-workers", "0"])  # the default batch of 1024, 32 images
+    out = capsys.readouterr().out
+    assert "32 training images, fewer than one global batch (1024 x 1)" in out
+    assert len(read_metrics(pretrained / "finetune-linear")) == 1
