@@ -18,7 +18,7 @@ from common.dist import Dist
 from common.knn import knn_eval
 from common.errors import PREEMPTED, run_main
 from helpers import ROOT, read_metrics, run_distributed, use_tiny_cnn
-from kill_resume import SMALL, kill_and_resume
+from kill_resume import SMALL, image_folder, kill_and_resume
 from mmcr import model as mmcr_model
 from mmcr import pretrain
 
@@ -66,7 +66,12 @@ def _torchrun(args, log):
 
 
 def test_sigterm_under_torchrun_checkpoints_and_resumes_exactly(tmp_path):
-    flags = [*FLAGS, "--dev", "192", "--checkpoint-every", "0"]
+    # an image folder with 2 loader workers per rank: torchrun passes SIGTERM on to each
+    # rank's process group, workers included
+    data = image_folder(tmp_path / "data", 192)
+    flags = ["--dataset", "imagefolder", "--data-dir", str(data), "--image-size", "16",
+             "--batch-size", "8", "--num-views", "2", "--num-workers", "2", "--eval-every", "0",
+             "--max-epochs", "2", "--checkpoint-every", "0"]
     run, log = tmp_path / "run", tmp_path / "log"
     assert _torchrun([*flags, "--output-dir", str(tmp_path / "straight")], log).wait(120) == 0
     proc = _torchrun([*flags, "--output-dir", str(run)], log)
