@@ -57,7 +57,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path, method: str) -> dict:
-    """Load a checkpoint written by `method`'s pretrain.py, with one-line errors otherwise."""
+    """Load a checkpoint written by `method`'s pretrain.py, with one-line errors otherwise
+    (memory-mapped: reading its args costs little)."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder, not a file: give its last.pt "
@@ -65,7 +66,7 @@ def load_checkpoint(path, method: str) -> dict:
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle
         raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this repository "
                         f"({type(e).__name__}); use another one, e.g. an epochNNNN.pt") from None

@@ -9,9 +9,16 @@ hold, and what finetune.py reads back.
 import argparse
 import sys
 
+from common.checkpoint import RENAMED, load_checkpoint, resolve_output_dir, resume_path
 from common.data import DATASETS, FAMILIES, data_family, resolve_data
 from common.dist import print0
 from common.runtime import cpu_cores
+
+
+# what a resumed run takes from this command line rather than from its checkpoint: this machine's
+# settings and where the run goes
+OF_THIS_COMMAND = {"device", "threads", "num_workers", "compile", "resume", "output_dir",
+                   "explicit"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -154,16 +161,38 @@ def add_machine_args(parser) -> None:
     a("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if present")
 
 
+def parse(parser, argv, method: str):
+    """The command line, resolved where a run goes: --output-dir (for --resume auto the newest
+    run of `method`), --resume (the checkpoint to continue, or None), args.explicit (the flags
+    the command line gave). A resumed run takes every flag the command line leaves unset from
+    its checkpoint, except those of this machine, so `--output-dir RUN --resume auto` alone
+    continues RUN as it was started; a flag that contradicts the checkpoint is refused later,
+    naming both values."""
+    args = parser.parse_args(argv)
+    unset = object()  # what the command line gave: parsed again with every default unset
+    parser.set_defaults(**{k: unset for k in vars(args)})
+    args.explicit = sorted(k for k, v in vars(parser.parse_args(argv)).items() if v is not unset)
+    args.output_dir = str(resolve_output_dir(args, method))
+    resume = resume_path(args)
+    args.resume = str(resume) if resume else None
+    if resume:
+        saved = load_checkpoint(resume, method)["args"]
+        for key, value in saved.items():
+            key = RENAMED.get(key, key)
+            if key in vars(args) and key not in args.explicit and key not in OF_THIS_COMMAND:
+                setattr(args, key, value)
+    return args
+
+
 def apply_recipe(args, recipes: dict) -> None:
-    """Resolve --recipe auto, put the recipe's value in every flag the command line left unset
-    (args.explicit lists the recipe flags it set), then the data's image size and
-    normalisation."""
+    """Resolve --recipe auto, put the recipe's value in every flag left unset, then the data's
+    image size and normalisation."""
     if args.recipe == "auto":
         args.recipe = data_family(args.dataset, args.data_dir, args.image_size)
     recipe = recipes[args.recipe]
-    args.explicit = sorted(k for k in recipe if not isinstance(getattr(args, k), FromRecipe))
-    for key in recipe.keys() - set(args.explicit):
-        setattr(args, key, recipe[key])
+    for key in recipe:
+        if isinstance(getattr(args, key), FromRecipe):
+            setattr(args, key, recipe[key])
     for key in recipe:
         if isinstance(getattr(args, key), Epochs):
             setattr(args, key, share_of_run(key, getattr(args, key), args.max_epochs))

@@ -16,12 +16,10 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
-from common.checkpoint import resolve_output_dir, resume_path
 from common.data import dataset_info, pretrain_images
 from common.errors import run_main
-from common.flags import (FromRecipe, Parser, add_common_args, apply_recipe, at_least,
-                          describe_run, learning_rate_rule, positive_float,
-                          resolve_learning_rate)
+from common.flags import (FromRecipe, Parser, add_common_args, apply_recipe, at_least, describe_run,
+                          learning_rate_rule, parse, positive_float, resolve_learning_rate)
 from common.knn import KnnMonitor
 from common.loaders import knn_loaders, pretrain_loader
 from common.momentum import cap_queue
@@ -70,7 +68,7 @@ def get_args(argv=None):
                    "heads (unset: the backbone width, as the official neck)")
     g.add_argument("--projection-dim", type=at_least(1), default=128, help="embedding dim D")
     # resolved once, in this order: command line, recipe, then the data and the machine
-    args = p.parse_args(argv)
+    args = parse(p, argv, "densecl")  # a resumed run's own flags where the command line is silent
     apply_recipe(args, RECIPES)
     if not 0 <= args.dense_weight <= 1:
         p.error(f"--dense-weight must lie in [0, 1] (got {args.dense_weight})")
@@ -85,7 +83,6 @@ def get_args(argv=None):
     args.queue_size = cap_queue(args.queue_size, pretrain_images(args) // images * images,
                                 "--queue-size")
     args.stem = resolve_stem(args.stem, args.recipe)
-    args.output_dir = str(resolve_output_dir(args, "densecl"))
     return args
 
 
@@ -139,7 +136,6 @@ def train_step(net, model, x_q, x_k, boxes, optimizer, scaler, lr, args) -> dict
 
 def main(argv=None):
     args = get_args(argv)
-    resume_from = resume_path(args)  # checked before anything is written
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
     info = dataset_info(args)
@@ -175,7 +171,7 @@ def main(argv=None):
     # ---- train
     with Progress(method="densecl", args=args, d=d, model=model, backbone=model.backbone,
                   optimizer=optimizer, scaler=scaler, loader=loader,
-                  resume_from=resume_from) as progress:
+                  resume_from=args.resume) as progress:
         if progress.fresh:
             progress.untrained(knn(model.backbone, 0))
         while progress.epoch < args.max_epochs:

@@ -16,11 +16,10 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
-from common.checkpoint import resolve_output_dir, resume_path
 from common.data import dataset_info
 from common.errors import run_main
 from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
-                          describe_run, learning_rate_rule, positive_float,
+                          describe_run, learning_rate_rule, parse, positive_float,
                           resolve_learning_rate)
 from common.knn import KnnMonitor
 from common.lars import LARS
@@ -83,14 +82,13 @@ def get_args(argv=None):
                    default=recipe("zero_init_residual"),
                    help="zero-initialise the last BN of each residual block")
     # resolved once, in this order: command line, recipe, then the data and the machine
-    args = p.parse_args(argv)
+    args = parse(p, argv, "mmcr")  # a resumed run's own flags where the command line is silent
     apply_recipe(args, RECIPES)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: BatchNorm and the centroid matrix need it")
     resolve_runtime(args)
     resolve_learning_rate(args, args.batch_size * dist.launched_world_size())
     args.stem = resolve_stem(args.stem, args.recipe)
-    args.output_dir = str(resolve_output_dir(args, "mmcr"))
     return args
 
 
@@ -134,7 +132,6 @@ def make_optimizer(model, args):
 
 def main(argv=None):
     args = get_args(argv)
-    resume_from = resume_path(args)  # checked before anything is written
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
     info = dataset_info(args)
@@ -166,7 +163,7 @@ def main(argv=None):
     # ---- train
     with Progress(method="mmcr", args=args, d=d, model=model, backbone=model.backbone,
                   optimizer=optimizer, scaler=scaler, loader=loader,
-                  resume_from=resume_from) as progress:
+                  resume_from=args.resume) as progress:
         if progress.fresh:
             progress.untrained(knn(model.backbone, 0))
         while progress.epoch < args.max_epochs:

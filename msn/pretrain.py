@@ -17,11 +17,10 @@ import torch
 
 from common import dist
 from common.augment import View
-from common.checkpoint import resolve_output_dir, resume_path
 from common.data import dataset_info
 from common.errors import run_main
 from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
-                          describe_run, positive_float)
+                          describe_run, parse, positive_float)
 from common.knn import KnnMonitor
 from common.loaders import knn_loaders, pretrain_loader
 from common.progress import Progress
@@ -85,14 +84,13 @@ def get_args(argv=None):
     a("--clip-grad", type=at_least(0, float), default=3.0, help="max grad norm of encoder + "
       "projector (0: no clipping; the norm is logged either way)")
     # resolved once, in this order: command line, recipe, then the data and the machine
-    args = p.parse_args(argv)
+    args = parse(p, argv, "msn")  # a resumed run's own flags where the command line is silent
     apply_recipe(args, RECIPES)
     check(p, args)
     resolve_runtime(args)
     args.depth = args.depth or ARCHS[args.arch][1]
     # everything torchvision.models.VisionTransformer(**vit_config) needs to load backbone.pt
     args.vit_config = vit_config(args.arch, args.patch_size, args.image_size, args.depth)
-    args.output_dir = str(resolve_output_dir(args, "msn"))
     return args
 
 
@@ -178,7 +176,6 @@ def train_step(net, model, views, optimizer, scaler, schedule, args) -> dict:
 
 def main(argv=None):
     args = get_args(argv)
-    resume_from = resume_path(args)  # checked before anything is written
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
     info = dataset_info(args)
@@ -213,7 +210,7 @@ def main(argv=None):
     # ---- train
     with Progress(method="msn", args=args, d=d, model=model, backbone=model.target_encoder,
                   optimizer=optimizer, scaler=scaler, loader=loader,
-                  resume_from=resume_from) as progress:
+                  resume_from=args.resume) as progress:
         if progress.fresh:
             progress.untrained(knn(model.target_encoder, 0))
         while progress.epoch < args.max_epochs:

@@ -15,11 +15,10 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
-from common.checkpoint import resolve_output_dir, resume_path
 from common.data import dataset_info, pretrain_images
 from common.errors import run_main
 from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
-                          describe_run, learning_rate_rule, positive_float,
+                          describe_run, learning_rate_rule, parse, positive_float,
                           resolve_learning_rate)
 from common.knn import KnnMonitor
 from common.lars import LARS
@@ -72,7 +71,7 @@ def get_args(argv=None):
                    help="LARS trust coefficient (solo-learn's form); each weight matrix's LR is "
                    "min(lr, eta x trust ratio)")
     # resolved once, in this order: command line, recipe, then the data and the machine
-    args = p.parse_args(argv)
+    args = parse(p, argv, "nnclr")  # a resumed run's own flags where the command line is silent
     apply_recipe(args, RECIPES)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: BatchNorm and the contrastive loss need it")
@@ -86,7 +85,6 @@ def get_args(argv=None):
     args.queue_size = cap_queue(args.queue_size, pretrain_images(args) // images * images,
                                 "--queue-size")
     args.stem = resolve_stem(args.stem, args.recipe)
-    args.output_dir = str(resolve_output_dir(args, "nnclr"))
     return args
 
 
@@ -122,7 +120,6 @@ def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) 
 
 def main(argv=None):
     args = get_args(argv)
-    resume_from = resume_path(args)  # checked before anything is written
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
     info = dataset_info(args)
@@ -158,7 +155,7 @@ def main(argv=None):
     # ---- train
     with Progress(method="nnclr", args=args, d=d, model=model, backbone=model.backbone,
                   optimizer=optimizer, scaler=scaler, loader=loader,
-                  resume_from=resume_from) as progress:
+                  resume_from=args.resume) as progress:
         if progress.fresh:
             progress.untrained(knn(model.backbone, 0))
         while progress.epoch < args.max_epochs:

@@ -89,7 +89,8 @@ def test_explicit_flags_win(large):
                           "--learning-rate", "0.1", "--mean", "0.1", "0.2", "0.3"])
     assert args.recipe == "imagenet" and args.optimizer == "lars"
     assert (args.num_views, args.learning_rate, args.mean) == (4, 0.1, [0.1, 0.2, 0.3])
-    assert args.std == IMAGENET[1] and args.explicit == ["learning_rate", "num_views"]
+    assert args.std == IMAGENET[1]
+    assert args.explicit == ["data_dir", "dataset", "learning_rate", "mean", "num_views"]
     args = mmcr.get_args(["--dataset", "imagefolder", "--data-dir", large, "--recipe", "cifar"])
     assert (args.image_size, args.optimizer, args.stem, args.mean) == (32, "adam", "cifar",
                                                                        CIFAR10[0])

@@ -8,6 +8,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from common import backbone
+from common.checkpoint import load_checkpoint
 from common.errors import run_main
 from helpers import read_metrics, use_tiny_cnn
 from mmcr import finetune, pretrain
@@ -149,9 +150,10 @@ def test_a_checkpoint_written_before_the_renames_resumes_and_finetunes(tmp_path,
     torch.save(ckpt, tmp_path / "last.pt")
     capsys.readouterr()
     fails(pretrain.main, [*TINY, "--dev", "32", "--eval-every", "0", "--max-epochs", "2",
-                          "--output-dir", str(tmp_path), "--resume", "auto"], capsys,
-          "--ema: the checkpoint has 0.9, this command None")
-    pretrain.main([*flags, "--max-epochs", "2", "--resume", "auto"])  # the same momentum
+                          "--ema", "off", "--output-dir", str(tmp_path), "--resume", "auto"],
+          capsys, "--ema: the checkpoint has 0.9, this command None")
+    pretrain.main(["--output-dir", str(tmp_path), "--resume", "auto", "--max-epochs", "2"])
+    assert load_checkpoint(tmp_path / "last.pt", "mmcr")["args"]["ema"] == 0.9
     assert read_metrics(tmp_path)[-1]["epoch"] == 2
     finetune.main(["--checkpoint", str(tmp_path / "last.pt"), "--batch-size", "8",
                    "--max-epochs", "1", "--num-workers", "0"])
@@ -200,3 +202,34 @@ def test_a_probe_on_fewer_images_than_a_batch_takes_them_all(pretrained, tiny, c
     out = capsys.readouterr().out
     assert "32 training images, fewer than one global batch (1024 x 1)" in out
     assert len(read_metrics(pretrained / "finetune-linear")) == 1
+
+
+class Stop(Exception):
+    """Stands for a kill in the middle of training."""
+
+
+def test_resume_with_only_the_run_folder_continues_the_run_as_started(tmp_path, tiny,
+                                                                       monkeypatch, capsys):
+    # README's line: `python mmcr/pretrain.py --output-dir runs/mmcr/<run> --resume auto`
+    root, run = _image_folder(tmp_path / "data", 16), tmp_path / "run"
+    step, calls = pretrain.train_step, []
+
+    def stopping(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise Stop
+        return step(*args)
+
+    monkeypatch.setattr(pretrain, "train_step", stopping)
+    with pytest.raises(Stop):  # 16 images / batch 4: stopped in epoch 2 of 3
+        pretrain.main(["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "4",
+                       "--num-views", "3", "--num-workers", "0", "--max-epochs", "3",
+                       "--num-neighbours", "5", "--output-dir", str(run)])
+    monkeypatch.setattr(pretrain, "train_step", step)
+    capsys.readouterr()
+    pretrain.main(["--output-dir", str(run), "--resume", "auto"])
+    assert "set on the command line: --output-dir, --resume" in capsys.readouterr().out
+    records = read_metrics(run)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3] and records[-1]["step"] == 12
+    args = load_checkpoint(run / "last.pt", "mmcr")["args"]
+    assert (args["dataset"], args["data_dir"], args["num_views"]) == ("imagefolder", str(root), 3)
