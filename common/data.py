@@ -41,6 +41,7 @@ class DataInfo:
     mean: tuple
     std: tuple
     test_resize: int | None  # shorter side before the centre crop of the eval transform
+    holdout: float = 0.2  # share of each class held out as the test split of a class-folder root
 
 
 def data_family(dataset: str, data_dir, image_size: int | None) -> str:
@@ -95,6 +96,7 @@ def pretrain_images(args) -> int:
         root = Path(args.data_dir) / "train" if (Path(args.data_dir) / "train").is_dir() \
             else Path(args.data_dir)
         n = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*"))
+        n -= round(args.holdout * n) if class_root(root) else 0  # about held_out's share
     else:
         n = {"synthetic": SYNTHETIC_IMAGES[0], "cifar10": 50_000, "cifar100": 50_000,
              "stl10": 105_000}[args.dataset]
@@ -107,7 +109,8 @@ def dataset_info(cfg) -> DataInfo:
     for the stl10 (70 -> 64, official MMCR) and imagenet (256 -> 224) families."""
     size = cfg.image_size
     resize = {"stl10": size * 70 // 64, "imagenet": size * 256 // 224}.get(cfg.recipe)
-    return DataInfo(cfg.dataset, size, tuple(cfg.mean), tuple(cfg.std), resize)
+    return DataInfo(cfg.dataset, size, tuple(cfg.mean), tuple(cfg.std), resize,
+                    getattr(cfg, "holdout", 0.2))
 
 
 class SkipUnreadable(Dataset):
@@ -165,7 +168,10 @@ def _torchvision(cls, root: Path, expected: str, **kwargs):
     return cls(root, download=False, **kwargs)
 
 
-def _imagefolder(root: Path, split: str, transform):
+def _imagefolder(root: Path, split: str, transform, holdout: float):
+    """root/train/ and root/val/ class folders; else root/<class>/ folders, of which a fixed
+    share of each class is held out as the test split (held_out); else, for pretraining, every
+    image below root, unlabelled (None for the labelled splits)."""
     if not root.is_dir():
         raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
                         " or a root with train/ and val/ class folders)")
@@ -177,10 +183,69 @@ def _imagefolder(root: Path, split: str, transform):
             raise UserError(f"{sub} holds no class folders with images: put each class's "
                             "images in its own subfolder (train/<class>/*.jpg)") from None
         return SkipUnreadable(ds, [path for path, _ in ds.samples])
+    if class_root(root):
+        try:  # one folder per class: labelled
+            ds = torchvision.datasets.ImageFolder(root, transform, is_valid_file=_is_image)
+        except FileNotFoundError:
+            ds = None
+        if ds is not None:
+            test = set(held_out(ds.targets, holdout))
+            keep = [i for i in range(len(ds)) if (i in test) == (split == "test")]
+            part = SkipUnreadable(Subset(ds, keep), [ds.samples[i][0] for i in keep])
+            part.classes = ds.classes
+            return part
     if split == "pretrain":
         ds = ImageFiles(root, transform)
         return SkipUnreadable(ds, ds.files)
     return None  # no labelled split: the kNN monitor / finetune cannot run
+
+
+def class_root(root: Path) -> bool:
+    """A folder without images of its own: its subfolders are read as classes."""
+    return root.is_dir() and not any(_is_image(p.name) for p in root.iterdir() if p.is_file())
+
+
+def held_out(targets: list, share: float) -> list:
+    """The test split of a class-folder root: round(share x n_c) images of each class c, drawn
+    with a fixed seed, so every run and finetune on the folder holds out the same ones."""
+    g, test = torch.Generator().manual_seed(0), []
+    for c in sorted(set(targets)):
+        members = [i for i, t in enumerate(targets) if t == c]
+        order = torch.randperm(len(members), generator=g)[:round(share * len(members))]
+        test += [members[j] for j in order.tolist()]
+    return sorted(test)
+
+
+def dev_sample(ds, n: int):
+    """--dev: a fixed sample of n images (seed 0: the same for pretrain and finetune), drawn
+    class by class in turn where the labels are known, so it holds every class rather than
+    the first n images in class order."""
+    if n >= len(ds):
+        return ds
+    g, labels = torch.Generator().manual_seed(0), targets(ds)
+    if labels is None:
+        pick = torch.randperm(len(ds), generator=g)[:n].tolist()
+    else:  # the k-th image of every class, in a random order per class, before any (k+1)-th
+        ranked = []
+        for c in sorted(set(labels)):
+            members = [i for i, t in enumerate(labels) if t == c]
+            ranked += [(k, c, members[j]) for k, j in
+                       enumerate(torch.randperm(len(members), generator=g).tolist())]
+        pick = [i for _, _, i in sorted(ranked)[:n]]
+    held = f", {len({labels[i] for i in pick})} classes" if labels is not None else ""
+    dist.print0(f"--dev: a fixed sample of {n} of {len(ds)} images{held}")
+    return Subset(ds, sorted(pick))
+
+
+def targets(ds) -> list | None:
+    """The labels of a dataset (through Subset and SkipUnreadable), or None."""
+    if isinstance(ds, Subset):
+        labels = targets(ds.dataset)
+        return None if labels is None else [labels[i] for i in ds.indices]
+    if isinstance(ds, SkipUnreadable):
+        return targets(ds.ds)
+    labels = getattr(ds, "targets", getattr(ds, "labels", None))
+    return None if labels is None else list(labels)
 
 
 def _is_image(path: str) -> bool:
@@ -189,7 +254,7 @@ def _is_image(path: str) -> bool:
 
 def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, dev: int = 0):
     """The dataset of `split` with `transform`, or None if the data has no such labelled split.
-    `dev` > 0 keeps the first `dev` images (a quarter of that for the test split)."""
+    `dev` > 0 keeps a fixed sample of `dev` images (a quarter of that for the test split)."""
     root, name = Path(data_dir), info.name
     train = split != "test"
     if name == "synthetic":  # train and test draw from disjoint seeds
@@ -204,9 +269,9 @@ def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, d
         ds = _torchvision(torchvision.datasets.STL10, root, "stl10_binary", split=stl_split,
                           transform=transform)
     else:
-        ds = _imagefolder(root, split, transform)
+        ds = _imagefolder(root, split, transform, info.holdout)
     if ds is not None and dev:
-        ds = Subset(ds, range(min(len(ds), dev if train else max(1, dev // 4))))
+        ds = dev_sample(ds, dev if train else max(1, dev // 4))
     return ds
 
 

@@ -55,6 +55,14 @@ def at_least(minimum: int, kind=int):
     return parse
 
 
+def share(text: str) -> float:
+    """argparse type: a float in (0, 1)."""
+    value = positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be below 1 (got {text})")
+    return value
+
+
 def positive_float(text: str) -> float:
     """argparse type: a float > 0."""
     value = at_least(0, float)(text)
@@ -104,6 +112,9 @@ def add_common_args(parser, recipes: dict, *, knn_temperature: float = 0.5) -> N
       "dataset's, for an image folder the recipe's (CIFAR-10 / STL-10 / ImageNet constants)")
     a("--std", type=float, nargs=3, default=None, help="normalisation std (RGB); unset: as "
       "--mean")
+    a("--holdout", type=share, default=0.2, help="for an image folder of one subfolder per "
+      "class (no train/ and val/): the share of each class held out, with a fixed seed, as the "
+      "test split of the kNN monitor and the probe")
     a("--batch-size", type=at_least(1), default=FromRecipe(recipes, "batch_size"),
       help="images per process per step (the global batch is this x world size)")
     a("--max-epochs", type=at_least(1), default=FromRecipe(recipes, "max_epochs"),

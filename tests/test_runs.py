@@ -233,3 +233,35 @@ def test_resume_with_only_the_run_folder_continues_the_run_as_started(tmp_path, 
     assert [r["epoch"] for r in records] == [0, 1, 2, 3] and records[-1]["step"] == 12
     args = load_checkpoint(run / "last.pt", "mmcr")["args"]
     assert (args["dataset"], args["data_dir"], args["num_views"]) == ("imagefolder", str(root), 3)
+
+
+def _class_folders(root, size=16, per_class=10, classes=("a", "b", "c", "d")):
+    """root/<class>/*.png, as ../shared/data/cifar10-5k is laid out (no train/ or val/)."""
+    for k, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size), (60 * k, 20 * i, 128)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_one_folder_per_class_is_labelled_with_a_held_out_split(tmp_path, tiny, capsys):
+    root, run = _class_folders(tmp_path / "data"), tmp_path / "run"
+    pretrain.main(["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "4",
+                   "--num-views", "2", "--num-workers", "0", "--max-epochs", "1",
+                   "--num-neighbours", "5", "--output-dir", str(run)])
+    assert "kNN monitor off" not in capsys.readouterr().out
+    assert "knn_top1" in read_metrics(run)[-1] and (run / "best.pt").is_file()
+    finetune.main(["--checkpoint", str(run / "last.pt"), "--max-epochs", "1",
+                   "--num-workers", "0"])
+    # 2 of each class's 10 images held out (--holdout 0.2): 32 to train on, the same split
+    assert "32 training images" in capsys.readouterr().out
+
+
+def test_dev_samples_every_class_of_a_sorted_folder(tmp_path, tiny, capsys):
+    root = _class_folders(tmp_path / "data")
+    pretrain.main(["--dataset", "imagefolder", "--data-dir", str(root), "--batch-size", "4",
+                   "--num-views", "2", "--num-workers", "0", "--max-epochs", "1", "--dev", "8",
+                   "--eval-every", "0", "--output-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    # the first 8 in class order would all be class a
+    assert "--dev: a fixed sample of 8 of 32 images, 4 classes" in out, out
