@@ -205,15 +205,21 @@ def class_root(root: Path) -> bool:
     return root.is_dir() and not any(_is_image(p.name) for p in root.iterdir() if p.is_file())
 
 
+def shuffled_classes(labels: list) -> list:
+    """Each class's indices in a random order drawn with seed 0, classes in sorted order: the
+    fixed draws behind the held-out split and the --dev sample."""
+    members, g = {}, torch.Generator().manual_seed(0)
+    for i, c in enumerate(labels):
+        members.setdefault(c, []).append(i)
+    return [[members[c][j] for j in torch.randperm(len(members[c]), generator=g).tolist()]
+            for c in sorted(members)]
+
+
 def held_out(targets: list, share: float) -> list:
     """The test split of a class-folder root: round(share x n_c) images of each class c, drawn
     with a fixed seed, so every run and finetune on the folder holds out the same ones."""
-    g, test = torch.Generator().manual_seed(0), []
-    for c in sorted(set(targets)):
-        members = [i for i, t in enumerate(targets) if t == c]
-        order = torch.randperm(len(members), generator=g)[:round(share * len(members))]
-        test += [members[j] for j in order.tolist()]
-    return sorted(test)
+    return sorted(i for order in shuffled_classes(targets)
+                  for i in order[:round(share * len(order))])
 
 
 def dev_sample(ds, n: int):
@@ -222,16 +228,13 @@ def dev_sample(ds, n: int):
     the first n images in class order."""
     if n >= len(ds):
         return ds
-    g, labels = torch.Generator().manual_seed(0), targets(ds)
+    labels = targets(ds)
     if labels is None:
-        pick = torch.randperm(len(ds), generator=g)[:n].tolist()
+        pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].tolist()
     else:  # the k-th image of every class, in a random order per class, before any (k+1)-th
-        ranked = []
-        for c in sorted(set(labels)):
-            members = [i for i, t in enumerate(labels) if t == c]
-            ranked += [(k, c, members[j]) for k, j in
-                       enumerate(torch.randperm(len(members), generator=g).tolist())]
-        pick = [i for _, _, i in sorted(ranked)[:n]]
+        ranked = sorted((k, c, i) for c, order in enumerate(shuffled_classes(labels))
+                        for k, i in enumerate(order))
+        pick = [i for _, _, i in ranked[:n]]
     held = f", {len({labels[i] for i in pick})} classes" if labels is not None else ""
     dist.print0(f"--dev: a fixed sample of {n} of {len(ds)} images{held}")
     return Subset(ds, sorted(pick))
