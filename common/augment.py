@@ -89,15 +89,27 @@ class MultiView:
         return tensors, torch.tensor([box for _, box in out], dtype=torch.float32) / scale
 
 
-def eval_transform(size, mean, std, resize=None):
-    """Deterministic transform for the kNN bank, the test split and finetune evaluation."""
-    # resize: shorter side before the centre crop (STL-10 70 -> 64, ImageNet 256 -> 224);
-    # without it Resize + CenterCrop to `size` is a no-op on images that already have that size.
-    ops = [T.Resize(resize or size, INTERPOLATION["bicubic"]), T.CenterCrop(size)]
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+class OneView(MultiView):
+    """One View as a dataset transform, PIL image -> tensor: finetune's training views."""
+
+    def __init__(self, view: View):
+        super().__init__([view])
+
+    def __call__(self, img):
+        return super().__call__(img)[0]
 
 
-def supervised_transform(size, mean, std):
-    """Training transform of the supervised finetune: random resized crop and flip only."""
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
-                      T.ToTensor(), T.Normalize(mean, std)])
+def crop_flip(size, mean, std, interpolation: str) -> View:
+    """A random resized crop (0.08-1) and flip, no colour ops: the supervised finetune's view."""
+    return View(size, mean, std, jitter_p=0.0, gray_p=0.0, interpolation=interpolation)
+
+
+def eval_transform(info):
+    """Deterministic transform for the kNN bank, the test split and finetune evaluation, from
+    a DataInfo: its test_resize (the shorter side before the centre crop: STL-10 70 -> 64,
+    ImageNet 256 -> 224) with its test_interpolation; without one, Resize + CenterCrop to the
+    image size is a no-op on images that already have that size."""
+    size = info.image_size
+    ops = [T.Resize(info.test_resize or size, INTERPOLATION[info.test_interpolation]),
+           T.CenterCrop(size)]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(info.mean, info.std)])

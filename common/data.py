@@ -41,6 +41,7 @@ class DataInfo:
     mean: tuple
     std: tuple
     test_resize: int | None  # shorter side before the centre crop of the eval transform
+    test_interpolation: str  # of that resize
     holdout: float = 0.2  # share of each class held out as the test split of a class-folder root
 
 
@@ -106,10 +107,13 @@ def pretrain_images(args) -> int:
 def dataset_info(cfg) -> DataInfo:
     """Image size, normalisation and eval resize of a resolved configuration (pretraining args:
     dataset, recipe, image_size, mean, std). The eval transform resizes the shorter side first
-    for the stl10 (70 -> 64, official MMCR) and imagenet (256 -> 224) families."""
+    for the stl10 family (70 -> 64, bicubic: official MMCR mmcr/cifar_stl/data.py) and the
+    imagenet family (256 -> 224, bilinear: the official MMCR, DenseCL, MSN and solo-learn
+    evaluations)."""
     size = cfg.image_size
-    resize = {"stl10": size * 70 // 64, "imagenet": size * 256 // 224}.get(cfg.recipe)
-    return DataInfo(cfg.dataset, size, tuple(cfg.mean), tuple(cfg.std), resize,
+    resize, mode = {"stl10": (size * 70 // 64, "bicubic"),
+                    "imagenet": (size * 256 // 224, "bilinear")}.get(cfg.recipe, (None, "bicubic"))
+    return DataInfo(cfg.dataset, size, tuple(cfg.mean), tuple(cfg.std), resize, mode,
                     getattr(cfg, "holdout", 0.2))
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist
-from common.augment import eval_transform, supervised_transform
+from common.augment import OneView, crop_flip, eval_transform
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.data import DATASETS, dataset_info, load_split, num_classes
 from common.dist import gather_rows
@@ -47,6 +47,9 @@ def finetune_args(description: str) -> Parser:
     a("--warmup-duration", type=at_least(0, float), default=0.1, help="warmup fraction "
       "(cosine schedule)")
     a("--weight-decay", type=at_least(0, float), default=1e-6, help="weight decay")
+    a("--crop-interpolation", default="bilinear", choices=["bilinear", "bicubic"],
+      help="of the training images' random resized crop (bicubic: the official MMCR ImageNet "
+      "probe)")
     a("--dataset", default=None, choices=DATASETS, help="unset: the pretraining dataset "
       "(must be labelled)")
     a("--data-dir", default=None, help="unset: the pretraining --data-dir")
@@ -79,17 +82,17 @@ def load_pretrained(path, method: str, build, prefix: str):
     return backbone, width, ckpt["args"]
 
 
-def _data(args, pre_args):
-    """Train (random-resized crops and flips) and test (eval transform) splits, with the
-    pretraining run's image size, normalisation and recipe."""
+def _data(args, pre_args, train_view):
+    """Train (train_view(DataInfo), else random-resized crops and flips) and test (eval
+    transform) splits, with the pretraining run's image size, normalisation and recipe."""
     cfg = SimpleNamespace(**{**pre_args, "dataset": args.dataset or pre_args["dataset"]})
     info = dataset_info(cfg)
     data_dir = args.data_dir or pre_args["data_dir"]
     dev = pre_args.get("dev", 0) if args.dev is None else args.dev
-    norm = (info.image_size, info.mean, info.std)
-    train = load_split(info, data_dir, "train", supervised_transform(*norm), args.seed, dev)
-    test = load_split(info, data_dir, "test", eval_transform(*norm, info.test_resize),
-                      args.seed, dev)
+    view = train_view(info) if train_view else \
+        crop_flip(info.image_size, info.mean, info.std, args.crop_interpolation)
+    train = load_split(info, data_dir, "train", OneView(view), args.seed, dev)
+    test = load_split(info, data_dir, "test", eval_transform(info), args.seed, dev)
     if train is None or test is None or not num_classes(train):
         raise UserError(f"{cfg.dataset} at {data_dir} has no labelled train/ and val/ splits to "
                         "finetune on")
@@ -144,15 +147,17 @@ def output_dir(args) -> Path:
     return out
 
 
-def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=None) -> dict:
+def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=None,
+                 train_view=None) -> dict:
     """Train a classifier on `backbone` features (and the backbone for backbone+linear); logs
     top-1/top-5 on the test split every epoch, writes metrics.jsonl and last.pt. `head` maps
-    the class count to the classifier (default: one Linear layer)."""
+    the class count to the classifier (default: one Linear layer); `train_view` maps the
+    DataInfo to the View of the training images (default: crop and flip)."""
     resolve_runtime(args)
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
     out = output_dir(args)
-    train, test = _data(args, pre_args)
+    train, test = _data(args, pre_args, train_view)
     loader = train_loader(train, probe_batch(len(train), args.batch_size, d.world_size),
                           args.num_workers, d, args.seed)
     test_loader = eval_loader(test, args.batch_size, args.num_workers, d)

@@ -171,7 +171,7 @@ def pretrain_loader(args, info, views: list, d, with_boxes: bool = False):
 def knn_loaders(args, info, d):
     """(bank loader, test loader, class count) of the kNN monitor: the labelled train split
     and the test split with the eval transform; None when the data has no labelled splits."""
-    test_tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
+    test_tf = eval_transform(info)
     bank = load_split(info, args.data_dir, "train", test_tf, args.seed, args.dev)
     test = load_split(info, args.data_dir, "test", test_tf, args.seed, args.dev)
     if bank is None or test is None or not num_classes(bank):

@@ -29,13 +29,11 @@ def enqueue(queues: list, rows: list, ptr: torch.Tensor) -> None:
     ptr.add_(n).remainder_(k)
 
 
-def cap_queue(size: int, epoch_images: int, flag: str) -> int:
-    """A queue of past embeddings holds at most one epoch (`epoch_images`, a multiple of the
-    global batch): longer, it would hold each image several times, an image's own older
-    embedding among its neighbours or negatives. A longer one is shrunk, with a notice. (With
-    less than one global batch of data, epoch_images 0, the loader refuses the run.)"""
-    if size <= epoch_images or epoch_images == 0:
+def cap_queue(size: int, limit: int, flag: str, why: str) -> int:
+    """`size`, or `limit` (a multiple of the global batch) when `size` is larger, with a notice
+    that gives `why`. (A limit of 0, less than one global batch of data, is left to the loader
+    to refuse.)"""
+    if size <= limit or limit == 0:
         return size
-    print0(f"notice: {flag} {size} is more than one epoch of the training set "
-           f"({epoch_images} images): using {epoch_images}")
-    return epoch_images
+    print0(f"notice: {flag} {size} {why}: using {limit}")
+    return limit

@@ -80,8 +80,10 @@ def get_args(argv=None):
     resolve_learning_rate(args, images)
     args.bn_splits = args.bn_splits or default_bn_splits(args.batch_size, world)
     check_sizes(p, args, images)
-    args.queue_size = cap_queue(args.queue_size, pretrain_images(args) // images * images,
-                                "--queue-size")
+    # at most one epoch: a longer queue would hold an image's own older key among its negatives
+    epoch = pretrain_images(args) // images * images
+    args.queue_size = cap_queue(args.queue_size, epoch, "--queue-size", "is more than one "
+                                f"epoch of the training set ({epoch} images)")
     args.stem = resolve_stem(args.stem, args.recipe)
     return args
 

@@ -6,18 +6,33 @@
 """
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
 from common.backbone import resnet_of
 from common.errors import run_main
 from common.finetune import finetune_args, load_pretrained, run_finetune
+from mmcr.pretrain import pretrain_views
+
+
+def get_args(argv=None):
+    p = finetune_args("Linear probe / finetune of an MMCR backbone")
+    p.add_argument_group("mmcr").add_argument(
+        "--train-views", default="crop-flip", choices=["crop-flip", "pretrain"],
+        help="the training images' views. crop-flip: random resized crop and flip; pretrain: "
+        "one view of the pretraining recipe, as the official CIFAR/STL probe "
+        "(mmcr/cifar_stl/train_linear_classifier.py) and the playground's probe")
+    return p.parse_args(argv)
 
 
 def main(argv=None):
-    args = finetune_args("Linear probe / finetune of an MMCR backbone").parse_args(argv)
+    args = get_args(argv)
     backbone, width, pre = load_pretrained(args.checkpoint, "mmcr", resnet_of, "backbone.")
-    return run_finetune(args, backbone, width, pre)
+    view = None
+    if args.train_views == "pretrain":
+        view = lambda info: pretrain_views(SimpleNamespace(**pre), info)[0]  # noqa: E731
+    return run_finetune(args, backbone, width, pre, train_view=view)
 
 
 if __name__ == "__main__":

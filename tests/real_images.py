@@ -70,7 +70,7 @@ def evaluate(build, run: Path, split: Path) -> dict:
     args) and raw pixels."""
     pre = json.loads((run / "args.json").read_text())
     info = dataset_info(SimpleNamespace(**pre))
-    tf = eval_transform(info.image_size, info.mean, info.std, info.test_resize)
+    tf = eval_transform(info)
     cpu = Dist(0, 0, 1, torch.device("cpu"), True)
     bank, test = (eval_loader(load_split(info, split, s, tf), 256, 0, cpu)
                   for s in ("train", "test"))

@@ -210,3 +210,23 @@ def test_freed_memory_is_reused_without_page_faults():
     pages = 6 * 2**23 * 4 // resource.getpagesize()  # 192 MB touched per round
     assert int(out[0]) > 0.9 * pages  # by default every round faults on every page
     assert out[1] == "True" and int(out[2]) < 0.01 * pages
+
+
+@pytest.mark.parametrize("recipe, mode, short", [("imagenet", Image.BILINEAR, 256),
+                                                 ("stl10", Image.BICUBIC, 70)])
+def test_eval_transform_resizes_with_the_references_interpolation(recipe, mode, short):
+    # ImageNet: Resize(256) (bilinear) + CenterCrop(224) in the official MMCR, DenseCL and MSN
+    # evaluations; STL-10: Resize(70, BICUBIC) + CenterCrop(64) (official MMCR)
+    from types import SimpleNamespace
+    from common.augment import eval_transform
+    from common.data import dataset_info
+    size = {"imagenet": 224, "stl10": 64}[recipe]
+    info = dataset_info(SimpleNamespace(dataset="imagefolder", recipe=recipe, image_size=size,
+                                        mean=[0, 0, 0], std=[1, 1, 1]))
+    img = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8).numpy())
+    w = round(400 * short / 300)
+    by_hand = img.resize((w, short), mode)
+    top, left = round((short - size) / 2), round((w - size) / 2)
+    by_hand = by_hand.crop((left, top, left + size, top + size))
+    expected = torch.tensor(list(by_hand.getdata()), dtype=torch.float32).T.reshape(3, size, size)
+    assert torch.allclose(eval_transform(info)(img) * 255, expected, atol=1e-3)

@@ -113,11 +113,35 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     missing = load_into_torchvision_resnet18(out / "backbone.pt")
     assert missing.missing_keys == ["fc.weight", "fc.bias"] and not missing.unexpected_keys
     result = run_script("mmcr/finetune.py", "--checkpoint", out / "last.pt", "--dev", "64",
-                        "--batch-size", "16", "--max-epochs", "1", "--num-workers", "0")
+                        "--batch-size", "16", "--max-epochs", "1", "--num-workers", "0",
+                        "--train-views", "pretrain", "--linear-bn", "train")
     assert result.returncode == 0, result.stderr
     assert "loaded 120 backbone tensors" in result.stdout
     record = read_metrics(out / "finetune-linear")[-1]
     assert 0 <= record["top1"] <= 100 and "top5" in record
+
+
+@pytest.mark.parametrize("dataset, expected", [
+    # ThomasYerxa/mmcr fafd3a9 mmcr/cifar_stl/data.py, the probe's train_transform=True:
+    # CIFAR: crop 0.08-1 (bilinear), flip, jitter 0.4/0.4/0.4/0.1 p 0.8, gray 0.2;
+    # STL-10: jitter and gray 0.1 first, then a bicubic crop 0.2-1 to 64 px and a flip
+    ("cifar10", dict(size=32, scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                     gray_p=0.2, colour_first=False, interpolation="bilinear")),
+    ("stl10", dict(size=64, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
+                   gray_p=0.1, colour_first=True, interpolation="bicubic")),
+])
+def test_probe_on_the_pretraining_views_uses_the_official_probe_transform(dataset, expected,
+                                                                         monkeypatch):
+    from common.data import dataset_info
+    pre = vars(pretrain.get_args(["--dataset", dataset]))
+    monkeypatch.setattr(finetune, "load_pretrained", lambda *a: (None, 8, pre))
+    seen = {}
+    monkeypatch.setattr(finetune, "run_finetune", lambda *a, train_view: seen.update(v=train_view))
+    finetune.main(["--checkpoint", "x.pt", "--train-views", "pretrain"])
+    view = seen["v"](dataset_info(pretrain.get_args(["--dataset", dataset])))
+    assert {k: getattr(view, k) for k in expected} == expected
+    finetune.main(["--checkpoint", "x.pt"])
+    assert seen["v"] is None  # the default: random resized crops and flips
 
 
 def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):

@@ -49,3 +49,73 @@ def test_readme_shows_every_method():
     scripts = {script for script, _ in readme_commands()}
     assert {f"{m}/{s}.py" for m in ("mmcr", "nnclr", "densecl", "msn")
             for s in ("pretrain", "finetune")} <= scripts
+
+
+def readme_line(comment: str):
+    """(processes, script, argv) of the README command whose comment starts with `comment`."""
+    for line in re.findall(r"^(?:torchrun|python) .*$", README.read_text(), flags=re.M):
+        command, _, said = line.partition("  # ")
+        if said.strip().startswith(comment):
+            words = shlex.split(command.replace("<", "").replace(">", ""))
+            script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+            launch = dict(zip(words[1:script:2], words[2:script:2]))
+            world = int(launch.get("--nnodes", 1)) * int(launch.get("--nproc_per_node", 1))
+            return world, words[script], words[script + 1:]
+    raise AssertionError(f"README shows no command commented '{comment}'")
+
+
+# Each reference's linear-evaluation protocol, typed in from its source: (method, README
+# comment, global batch, resolved flags).
+OFFICIAL_EVALUATIONS = [
+    # ThomasYerxa/mmcr fafd3a9 mmcr/cifar_stl/model_select.py + train_linear_classifier.py:
+    # Adam lr 0.1 wd 1e-6, batch 1024, 50 epochs, cosine without warmup, net.train() (BN in
+    # train mode), the training set with the SSL transform (train_transform=True)
+    ("mmcr", "the official CIFAR/STL probe", 1024,
+     dict(optimizer="adam", learning_rate=0.1, weight_decay=1e-6, max_epochs=50,
+          schedule="cosine", warmup_duration=0, linear_bn="train", train_views="pretrain",
+          finetune_type="linear")),
+    # linear_classifier_imagenet.py + mmcr/imagenet/train_linear_classifier.py: SGD momentum
+    # 0.9, lr 0.3, wd 1e-6, batch 2048, 100 epochs, cosine, bicubic crops, BN in train mode
+    ("mmcr", "the official ImageNet probe", 2048,
+     dict(optimizer="sgd", learning_rate=0.3, weight_decay=1e-6, max_epochs=100,
+          schedule="cosine", warmup_duration=0, linear_bn="train", crop_interpolation="bicubic",
+          train_views="crop-flip")),
+    # bartoszzuk/mmcr 5eb4c13: Adam 1e-2, wd 1e-6, 50 epochs, 10% warmup, batch 1024 (README),
+    # SSL views, BN in train mode
+    ("mmcr", "the playground's probe", 1024,
+     dict(optimizer="adam", learning_rate=1e-2, weight_decay=1e-6, max_epochs=50,
+          warmup_duration=0.1, linear_bn="train", train_views="pretrain")),
+    # facebookresearch/msn 4388dc1 linear_eval.py, lineval_msn_vits16.yaml, README (4 nodes x 8
+    # tasks): Nesterov SGD lr 6.4 (not scaled), wd 0, 256 per GPU, 100 epochs, cosine, no
+    # warmup, last block's class token, bilinear crops
+    ("msn", "the official linear evaluation", 8192,
+     dict(features="last-block", optimizer="nesterov", learning_rate=6.4, weight_decay=0,
+          max_epochs=100, schedule="cosine", warmup_duration=0, crop_interpolation="bilinear",
+          linear_bn="frozen")),
+    ("msn", "the same on one GPU", 256,
+     dict(features="last-block", optimizer="nesterov", learning_rate=6.4 * 256 / 8192,
+          weight_decay=0, max_epochs=100, warmup_duration=0)),
+    # vturrisi/solo-learn 9187ea3 scripts/linear/imagenet-100/nnclr.yaml: SGD lr 0.3, wd 0,
+    # batch 256, 100 epochs, x 0.1 at 60 and 80, frozen BN
+    ("nnclr", "solo-learn's linear evaluation", 256,
+     dict(optimizer="sgd", learning_rate=0.3, weight_decay=0, max_epochs=100, schedule="step",
+          lr_steps=[60, 80], linear_bn="frozen", crop_interpolation="bilinear")),
+    # WXinlong/DenseCL b64bbb6 configs/benchmarks/linear_classification/imagenet/r50_last.py:
+    # SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, steps at 60 and 80, frozen BN
+    ("densecl", "the official linear benchmark", 256,
+     dict(optimizer="sgd", learning_rate=30, weight_decay=0, max_epochs=100, schedule="step",
+          lr_steps=[60, 80], linear_bn="frozen", crop_interpolation="bilinear")),
+]
+
+
+@pytest.mark.parametrize("method, comment, global_batch, expected", OFFICIAL_EVALUATIONS,
+                         ids=[c for _, c, _, _ in OFFICIAL_EVALUATIONS])
+def test_official_evaluation_commands_resolve_to_the_reference_protocol(method, comment,
+                                                                         global_batch, expected):
+    world, script, argv = readme_line(comment)
+    assert script == f"{method}/finetune.py"
+    module = importlib.import_module(f"{method}.finetune")
+    from common.finetune import finetune_args
+    args = getattr(module, "get_args", finetune_args("").parse_args)(argv)
+    assert args.batch_size * world == global_batch
+    assert {k: getattr(args, k) for k in expected} == pytest.approx(expected)

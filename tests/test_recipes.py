@@ -50,13 +50,14 @@ def test_a_32px_folder_gets_the_cifar_views_normalisation_and_stem(method, small
 
 
 @pytest.mark.parametrize("method, expected, blur", [
-    # mmcr pretrain_imagenet.py, mmcr/imagenet/train.py: ResNet-50 (zero-init residuals), 8
-    # views, LARS (Barlow Twins form, eta 0.001) lr 0.8 x batch / 256, wd 1e-6, 100 epochs,
-    # 10 warmup, cosine to 0.001 x peak, momentum 0.99, projector 8192-8192-512
-    (mmcr, dict(backbone="resnet50", num_views=8, optimizer="lars", base_learning_rate=0.8,
+    # ThomasYerxa/mmcr fafd3a9 pretrain_imagenet.py (n_aug 2, lr 0.6, batch 2048 on 16 GPUs,
+    # tau 0.99), mmcr/imagenet/train.py, models.py: ResNet-50 (zero-init residuals), LARS
+    # (Barlow Twins form, eta 0.001) lr x batch / 256, wd 1e-6, 100 epochs, 10 warmup, cosine
+    # to 0.001 x peak, projector 8192-8192-512
+    (mmcr, dict(backbone="resnet50", num_views=2, optimizer="lars", base_learning_rate=0.6,
                 lars_eta=0.001, weight_decay=1e-6, max_epochs=100, warmup_duration=0.1,
                 final_lr_ratio=0.001, ema=0.99, hidden_dim=[8192, 8192],
-                projection_dim=512, zero_init_residual=True, batch_size=128), [1.0, 0.1] * 4),
+                projection_dim=512, zero_init_residual=True, batch_size=128), [1.0, 0.1]),
     # NNCLR paper: ResNet-50, lr 0.3 x batch / 256, wd 1e-6, 1000 epochs, 10 warmup,
     # temperature 0.1, support set 98304; solo-learn's ImageNet-100 blur 1.0 / 0.1
     (nnclr, dict(backbone="resnet50", base_learning_rate=0.3, weight_decay=1e-6,
@@ -81,7 +82,65 @@ def test_an_imagenet_size_folder_gets_the_official_imagenet_values(method, expec
     assert getattr(args, "stem", "imagenet") == "imagenet"
     assert {k: getattr(args, k) for k in expected} == expected
     assert blur_probabilities(method.pretrain_views(args, dataset_info(args))) == blur
-    assert dataset_info(args).test_resize == 256
+    assert (dataset_info(args).test_resize, dataset_info(args).test_interpolation) == \
+        (256, "bilinear")
+
+
+@pytest.mark.parametrize("method, expected, view", [
+    # bartoszzuk/mmcr 5eb4c13 pretrain.py: ResNet-18, 64 images x 16 views, Adam 1e-3, wd 1e-6,
+    # 10% warmup, cosine to 0, 500 epochs; ThomasYerxa/mmcr fafd3a9 mmcr/cifar_stl/train.py
+    # projector 512-128, no momentum branch; mmcr/cifar_stl/data.py views
+    (mmcr, dict(backbone="resnet18", batch_size=64, num_views=16, optimizer="adam",
+                learning_rate=1e-3, weight_decay=1e-6, warmup_duration=0.1, final_lr_ratio=0.0,
+                max_epochs=500, hidden_dim=[512], projection_dim=128, ema=None, lmbda=0.0,
+                zero_init_residual=False, num_neighbours=200, temperature=0.5),
+     dict(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
+          solarize_p=0.0, interpolation="bilinear")),
+    # vturrisi/solo-learn 9187ea3 scripts/pretrain/cifar/nnclr.yaml, asymmetric.yaml: ResNet-18,
+    # batch 256, LARS lr 0.4 x batch / 256 (eta 0.02), wd 1e-5, 10 warmup epochs of 1000,
+    # temperature 0.2, queue 65536, projector 2048-256, predictor 4096; views bicubic, jitter
+    # (0.4, 0.4, 0.2, 0.1), solarisation 0 / 0.2, no blur
+    (nnclr, dict(backbone="resnet18", batch_size=256, base_learning_rate=0.4, learning_rate=0.4,
+                 lars_eta=0.02, weight_decay=1e-5, warmup_duration=0.01, max_epochs=1000,
+                 tau=0.2, queue_size=65536, hidden_dim=2048, projection_dim=256,
+                 pred_hidden_dim=4096),
+     dict(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
+          solarize_p=0.0, interpolation="bicubic")),
+    # lightly-ai/lightly e8d317f cifar10_benchmark.py (MoCo): ResNet-18, batch 128, SGD 0.06 x
+    # batch / 128, wd 5e-4, momentum 0.99, memory bank 4096, 200 epochs; WXinlong/DenseCL
+    # b64bbb6 densecl_imagenet_200ep.py: temperature 0.2, loss_lambda 0.5, crop scale 0.2-1
+    (densecl, dict(backbone="resnet18", batch_size=128, base_learning_rate=0.12,
+                   learning_rate=0.06, weight_decay=5e-4, ema=0.99, queue_size=4096,
+                   max_epochs=200, warmup_duration=0.0, tau=0.2, dense_weight=0.5),
+     dict(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
+          interpolation="bilinear")),
+    # facebookresearch/msn 4388dc1 configs/pretrain/msn_vits16.yaml: ViT-S, AdamW 1e-3 after 15
+    # warmup epochs from 2e-4, final 1e-6, wd 0.04 -> 0.4, EMA 0.996, 800 epochs, 1024
+    # prototypes, temperature 0.1, sharpening 0.25, ME-MAX 1, mask 0.15, 10 focal views, clip 3
+    (msn, dict(arch="vit_small", learning_rate=1e-3, start_lr=2e-4, final_lr=1e-6,
+               weight_decay=0.04, final_weight_decay=0.4, ema=0.996, max_epochs=800,
+               warmup_duration=15 / 800, num_prototypes=1024, tau=0.1, sharpen=0.25,
+               memax_weight=1.0, mask_ratio=0.15, focal_views=10, clip_grad=3.0),
+     dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0)),
+], ids=["mmcr", "nnclr", "densecl", "msn"])
+def test_the_cifar_recipe_has_the_values_of_its_sources(method, expected, view):
+    args = method.get_args(["--dataset", "cifar10"])
+    assert args.recipe == "cifar"
+    assert {k: getattr(args, k) for k in expected} == pytest.approx(expected)
+    first = method.pretrain_views(args, dataset_info(args))[0]
+    assert {k: getattr(first, k) for k in view} == view
+
+
+def test_the_stl10_recipe_has_the_official_mmcr_views():
+    # ThomasYerxa/mmcr fafd3a9 mmcr/cifar_stl/data.py StlBatchTransform: colour jitter and
+    # grayscale 0.1 before a bicubic crop of scale 0.2-1 to 64 px; eval: resize 70 bicubic
+    args = mmcr.get_args(["--dataset", "stl10"])
+    views = mmcr.pretrain_views(args, dataset_info(args))
+    assert len(views) == 16 and set(views) == {views[0]}
+    assert (views[0].size, views[0].scale, views[0].gray_p, views[0].colour_first,
+            views[0].interpolation) == (64, (0.2, 1.0), 0.1, True, "bicubic")
+    info = dataset_info(args)
+    assert (info.test_resize, info.test_interpolation) == (70, "bicubic")
 
 
 def test_explicit_flags_win(large):
@@ -131,7 +190,17 @@ def test_support_set_larger_than_the_data_is_shrunk(tmp_path, monkeypatch, capsy
                 "--output-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "recipe cifar (synthetic, 16 px" in out
-    assert "notice: --queue-size 65536 is more than one epoch of the training set (40 " \
-           "images): using 40" in out
+    assert "notice: --queue-size 65536 would hold random vectors for more than 5 steps (a " \
+           "tenth of the run, at least an epoch): using 40" in out
     assert read_metrics(tmp_path)[-1]["step"] == 5
     assert '"queue_size": 40' in (tmp_path / "args.json").read_text()
+
+
+def test_support_set_is_solo_learns_on_a_full_cifar_run_and_fits_a_short_one(capsys):
+    # CIFAR-10 at batch 256: 195 steps per epoch; 65,536 is replaced in 256 steps
+    assert nnclr.get_args(["--dataset", "cifar10"]).queue_size == 65536
+    assert nnclr.get_args(["--dataset", "cifar10", "--max-epochs", "20"]).queue_size == 65536
+    assert "queue-size" not in capsys.readouterr().out
+    # 10 epochs: a tenth of the run is one epoch, 195 steps x 256 images
+    assert nnclr.get_args(["--dataset", "cifar10", "--max-epochs", "10"]).queue_size == 49920
+    assert "using 49920" in capsys.readouterr().out
