@@ -14,13 +14,15 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def thread_budget(workers: int, augment: str) -> int:
+def thread_budget(workers: int, busy_workers: bool) -> int:
     """Intra-op threads: this process's share of the cores (torchrun's LOCAL_WORLD_SIZE
-    processes per machine), less one per DataLoader worker when the workers make PIL views.
-    Decode-only workers (--augment device) are counted as idle: on 2 cores a DenseCL step ran
-    at 92 images/s with 1 worker and 2 threads, 54 with 1 worker and 1 thread."""
+    processes per machine), less one per DataLoader worker when the workers make the views
+    (--augment pil). Workers that only decode (--augment device) or crop and flip (finetune)
+    are counted as idle: on 2 cores a DenseCL step ran at 92 images/s with 1 worker and 2
+    threads, 54 with 1 worker and 1 thread, and README's probe took 28 s with 2 workers and 2
+    threads, 35 s with 1 thread."""
     share = cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, share - (workers if augment == "pil" else 0))
+    return max(1, share - (workers if busy_workers else 0))
 
 
 def resolve_runtime(args) -> None:
@@ -34,7 +36,7 @@ def resolve_runtime(args) -> None:
     if getattr(args, "channels_last", False) is None:
         args.channels_last = not cuda or args.precision != "fp32"
     args.threads = args.threads or thread_budget(args.num_workers,
-                                                 getattr(args, "augment", "pil"))
+                                                 getattr(args, "augment", None) == "pil")
 
 
 def keep_freed_memory() -> bool:

@@ -1,11 +1,16 @@
-"""Kill-and-resume check (a script; tests/test_cluster.py runs it for every method): pretrain
-once straight through on an image folder with 2 loader workers, then again stopped at random
-moments by a signal to its whole process group, first SIGTERM (preemption: exit code 75), then
-SIGKILL, and continued with --resume auto each time, and compare the final weights and
-buffers. Each kill must lose at most --checkpoint-every of training and the step
-it was in.
+"""Kill-and-resume checks (a script; tests/test_cluster.py runs them for MMCR, .ci/run for
+all four methods), each on an image folder with 2 loader workers per process:
+- process group: pretrain once straight through, then again stopped at random moments by a
+  signal to its whole process group, first SIGTERM (preemption: exit code 75), then SIGKILL,
+  and continued with --resume auto each time. Each kill must lose at most --checkpoint-every
+  of training and the step it was in.
+- torchrun (--torchrun): 2 gloo ranks, SIGTERM to torchrun a random moment after training
+  started; both ranks must write last.pt at one step boundary and exit 75, and the run continues
+  with --resume auto.
+Either way the final weights and buffers must equal the uninterrupted run's, bit for bit.
 
     python tests/kill_resume.py --method all          # every method at its SMALL size
+    python tests/kill_resume.py --method all --torchrun
     python tests/kill_resume.py --method msn --kills 3 -- --arch vit_tiny --depth 2
 """
 import argparse
@@ -101,14 +106,54 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
     return *states, made
 
 
-def check(method: str, flags: list, kills: int, seed: int) -> bool:
-    """Run kill_and_resume for one method and print what it found; True if exact."""
+def torchrun(method: str, flags: list, log: Path) -> subprocess.Popen:
+    """torchrun with 2 gloo processes on <method>/pretrain.py, its output into the file `log`."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                             "2", f"{method}/pretrain.py", "--device", "cpu", *flags], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def sigterm_under_torchrun(method: str, flags: list, out: Path, seed: int = 0):
+    """(straight model state, resumed model state, step of the SIGTERM's last.pt): 2 ranks on 192
+    images, SIGTERM to torchrun 0.5-1.5 s after training started, then --resume auto."""
+    data = image_folder(out / "data", 192)
+    command = [*FLAGS, "--data-dir", str(data), "--checkpoint-every", "0", *flags]
+    run, log = out / "run", out / "log"
+    if torchrun(method, [*command, "--output-dir", str(out / "straight")], log).wait(300):
+        raise SystemExit(log.read_text())
+    proc = torchrun(method, [*command, "--output-dir", str(run)], log)
+    while "epoch 1/2:" not in log.read_text():  # training has started
+        if proc.poll() is not None:
+            raise SystemExit(log.read_text())
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0.5, 1.5))
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks' process groups
+    proc.wait(60)
+    text = log.read_text()
+    step = torch.load(run / "last.pt", weights_only=True)["step"]
+    total = torch.load(out / "straight" / "last.pt", weights_only=True)["step"]
+    assert 0 < step < total, f"last.pt at step {step} of {total}:\n{text}"
+    assert text.count("(exit code 75)") == 2, text  # both ranks checkpointed and stopped
+    if torchrun(method, [*command, "--output-dir", str(run), "--resume", "auto"], log).wait(300):
+        raise SystemExit(log.read_text())
+    states = [torch.load(r / "last.pt", weights_only=True)["model"] for r in (out / "straight",
+                                                                             run)]
+    return *states, step
+
+
+def check(method: str, flags: list, kills: int, seed: int, under_torchrun: bool) -> bool:
+    """Run one check for one method and print what it found; True if exact."""
     with tempfile.TemporaryDirectory() as tmp:
-        straight, resumed, made = kill_and_resume(method, flags, Path(tmp), kills, seed)
+        if under_torchrun:
+            straight, resumed, step = sigterm_under_torchrun(method, flags, Path(tmp), seed)
+            what = f"SIGTERM to torchrun (2 ranks) at step {step}, resumed"
+        else:
+            straight, resumed, made = kill_and_resume(method, flags, Path(tmp), kills, seed)
+            what = f"stopped {made} times (SIGTERM, then SIGKILL)"
     differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
-    print(f"{method}: stopped {made} times (SIGTERM, then SIGKILL); "
-          f"{len(straight) - len(differ)} of {len(straight)} tensors equal to the "
-          "uninterrupted run's" + (f"; differ: {differ[:5]}" if differ else ""), flush=True)
+    print(f"{method}: {what}; {len(straight) - len(differ)} of {len(straight)} tensors equal to "
+          "the uninterrupted run's" + (f"; differ: {differ[:5]}" if differ else ""), flush=True)
     return not differ
 
 
@@ -118,10 +163,13 @@ def main():
     p.add_argument("--kills", type=int, default=2, help="interruptions at most (fewer if a run "
                    "finishes first): the first SIGTERM, the others SIGKILL")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    p.add_argument("--torchrun", action="store_true", help="the torchrun check instead of the "
+                   "process-group one")
     p.add_argument("flags", nargs="*", help="pretrain.py flags after --; unset: SMALL's")
     bench = p.parse_args()
     methods = list(SMALL) if bench.method == "all" else [bench.method]
-    exact = [check(m, bench.flags or SMALL[m], bench.kills, bench.seed) for m in methods]
+    exact = [check(m, bench.flags or SMALL[m], bench.kills, bench.seed, bench.torchrun)
+             for m in methods]
     sys.exit(0 if all(exact) else 1)
 
 

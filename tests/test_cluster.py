@@ -2,7 +2,6 @@
 evaluation sharded over ranks equals one process, a dying rank does not hang the others, and a
 finished run can be extended."""
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,9 +15,9 @@ from common.checkpoint import load_checkpoint
 from common.loaders import eval_loader
 from common.dist import Dist
 from common.knn import knn_eval
-from common.errors import PREEMPTED, run_main
+from common.errors import run_main
 from helpers import ROOT, read_metrics, run_distributed, use_tiny_cnn
-from kill_resume import SMALL, image_folder, kill_and_resume
+from kill_resume import SMALL, kill_and_resume, sigterm_under_torchrun
 from mmcr import model as mmcr_model
 from mmcr import pretrain
 
@@ -44,10 +43,6 @@ def test_sharded_knn_equals_one_process(k, tmp_path):
     assert run_distributed(_knn, 2, tmp_path, k) == [one, one]
 
 
-def _model_state(run):
-    return torch.load(run / "last.pt", weights_only=True)["model"]
-
-
 def test_preempted_then_killed_at_random_moments_resumes_exactly(tmp_path):
     # MMCR here; .ci/run runs tests/kill_resume.py for the other three methods (about a
     # minute each on 2 cores, most of it starting processes)
@@ -57,36 +52,10 @@ def test_preempted_then_killed_at_random_moments_resumes_exactly(tmp_path):
         assert torch.equal(straight[key], resumed[key]), key
 
 
-def _torchrun(args, log):
-    """torchrun with 2 gloo processes on pretrain.py, its output into the file `log`."""
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
-                             "2", "mmcr/pretrain.py", "--device", "cpu", *args], cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
-
-
 def test_sigterm_under_torchrun_checkpoints_and_resumes_exactly(tmp_path):
-    # an image folder with 2 loader workers per rank: torchrun passes SIGTERM on to each
-    # rank's process group, workers included
-    data = image_folder(tmp_path / "data", 192)
-    flags = ["--dataset", "imagefolder", "--data-dir", str(data), "--image-size", "16",
-             "--batch-size", "8", "--num-views", "2", "--num-workers", "2", "--eval-every", "0",
-             "--max-epochs", "2", "--checkpoint-every", "0"]
-    run, log = tmp_path / "run", tmp_path / "log"
-    assert _torchrun([*flags, "--output-dir", str(tmp_path / "straight")], log).wait(120) == 0
-    proc = _torchrun([*flags, "--output-dir", str(run)], log)
-    while "epoch 1/2:" not in log.read_text():  # training has started
-        time.sleep(0.05)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both ranks
-    proc.wait(60)
-    out = log.read_text()
-    ckpt = torch.load(run / "last.pt", weights_only=True)
-    assert 0 < ckpt["batch"] < 12 and ckpt["epoch"] == 0, out  # mid-epoch, step boundary
-    assert out.count(f"continue with the same command and --resume auto (exit code "
-                     f"{PREEMPTED})") == 2, out
-    assert _torchrun([*flags, "--output-dir", str(run), "--resume", "auto"], log).wait(120) == 0
-    straight, resumed = _model_state(tmp_path / "straight"), _model_state(run)
+    # MMCR here, .ci/run all four: 2 ranks on an image folder with 2 loader workers each;
+    # torchrun passes SIGTERM on to each rank's process group, workers included
+    straight, resumed, step = sigterm_under_torchrun("mmcr", SMALL["mmcr"], tmp_path)
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
 
