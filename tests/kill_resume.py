@@ -4,6 +4,8 @@ all four methods), each on an image folder with 2 loader workers per process:
   signal to its whole process group, first SIGTERM (preemption: exit code 75), then SIGKILL,
   and continued with --resume auto each time. Each kill must lose at most --checkpoint-every
   of training and the step it was in.
+- array (--array): the same on data held in memory without loader workers (synthetic), the
+  first signal SIGUSR1 to the python process alone.
 - torchrun (--torchrun): 2 gloo ranks, SIGTERM to torchrun a random moment after training
   started; both ranks must write last.pt at one step boundary and exit 75, and the run continues
   with --resume auto.
@@ -11,6 +13,7 @@ Either way the final weights and buffers must equal the uninterrupted run's, bit
 
     python tests/kill_resume.py --method all          # every method at its SMALL size
     python tests/kill_resume.py --method all --torchrun
+    python tests/kill_resume.py --method all --array
     python tests/kill_resume.py --method msn --kills 3 -- --arch vit_tiny --depth 2
 """
 import argparse
@@ -34,6 +37,10 @@ FLAGS = ["--dataset", "imagefolder", "--image-size", "16", "--batch-size", "8",
          "--num-workers", "2", "--eval-every", "0", "--max-epochs", "2",
          "--checkpoint-every", "0.001"]  # last.pt every 60 ms of training
 EVERY = float(FLAGS[-1]) * 60  # seconds between checkpoints
+# an array run: 96 synthetic images in memory, no loader workers
+ARRAY = ["--dataset", "synthetic", "--dev", "96", "--image-size", "16", "--batch-size", "8",
+         "--num-workers", "0", "--eval-every", "0", "--max-epochs", "2",
+         "--checkpoint-every", "0.001"]
 SMALL = {"mmcr": ["--num-views", "2"],  # each method at a size that trains in seconds
          "nnclr": ["--queue-size", "16", "--hidden-dim", "32", "--pred-hidden-dim", "32",
                    "--projection-dim", "16"],
@@ -56,23 +63,24 @@ def written_since(path: Path, moment: float) -> bool:
     return path.exists() and path.stat().st_mtime >= moment
 
 
-def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: int = 0):
+def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: int = 0,
+                    array: bool = False):
     """(straight model state, interrupted-and-resumed model state, interruptions made). Up to
     `kills` times a process is stopped a random 0-1 s after it has trained and checkpointed
-    once: the first time by SIGTERM (preemption: it must write last.pt at a step boundary and
-    exit with code 75), then by SIGKILL; each continues with --resume auto, and the last one
-    runs to the end."""
-    data = image_folder(out / "data")
-    command = [sys.executable, f"{method}/pretrain.py", *FLAGS, "--data-dir", str(data), *flags]
+    once: the first time by SIGTERM to its process group, or with `array` SIGUSR1 to the
+    process alone (preemption: it must write last.pt at a step boundary and exit with code 75),
+    then by SIGKILL; each continues with --resume auto, and the last one runs to the end."""
+    data = ARRAY if array else [*FLAGS, "--data-dir", str(image_folder(out / "data"))]
+    command = [sys.executable, f"{method}/pretrain.py", *data, *flags]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     subprocess.run([*command, "--output-dir", str(out / "straight")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     total = torch.load(out / "straight" / "last.pt", weights_only=True)["step"]
     # a kill loses the steps since the last checkpoint: the interval, the step it was in and
-    # the checkpoint being written
+    # the checkpoint being written (up to half a second on 2 busy cores)
     rate = min(json.loads(line)["images_per_s"] for line in
                (out / "straight" / "metrics.jsonl").read_text().splitlines())
-    most = EVERY + 2 * int(FLAGS[FLAGS.index("--batch-size") + 1]) / rate + 0.25
+    most = EVERY + 2 * int(FLAGS[FLAGS.index("--batch-size") + 1]) / rate + 0.5
     run, rng, made = out / "run", random.Random(seed), 0
     while True:
         started = time.time()
@@ -88,8 +96,10 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
         if proc.poll() is not None:
             break
         preempt = made == 0
-        # to the whole process group, as timeout, Kubernetes and SLURM's step cgroup signal
-        os.killpg(proc.pid, signal.SIGTERM if preempt else signal.SIGKILL)
+        if preempt and array:
+            os.kill(proc.pid, signal.SIGUSR1)
+        else:  # to the whole process group, as timeout, Kubernetes and SLURM's step cgroup do
+            os.killpg(proc.pid, signal.SIGTERM if preempt else signal.SIGKILL)
         code = proc.wait()
         made += 1
         step = torch.load(run / "last.pt", weights_only=True)["step"]
@@ -142,15 +152,18 @@ def sigterm_under_torchrun(method: str, flags: list, out: Path, seed: int = 0):
     return *states, step
 
 
-def check(method: str, flags: list, kills: int, seed: int, under_torchrun: bool) -> bool:
+def check(method: str, flags: list, kills: int, seed: int, under_torchrun: bool,
+          array: bool) -> bool:
     """Run one check for one method and print what it found; True if exact."""
     with tempfile.TemporaryDirectory() as tmp:
         if under_torchrun:
             straight, resumed, step = sigterm_under_torchrun(method, flags, Path(tmp), seed)
             what = f"SIGTERM to torchrun (2 ranks) at step {step}, resumed"
         else:
-            straight, resumed, made = kill_and_resume(method, flags, Path(tmp), kills, seed)
-            what = f"stopped {made} times (SIGTERM, then SIGKILL)"
+            straight, resumed, made = kill_and_resume(method, flags, Path(tmp), kills, seed,
+                                                      array)
+            first = "SIGUSR1 to the process" if array else "SIGTERM to the group"
+            what = f"stopped {made} times ({first}, then SIGKILL)"
     differ = [k for k in straight if not torch.equal(straight[k], resumed[k])]
     print(f"{method}: {what}; {len(straight) - len(differ)} of {len(straight)} tensors equal to "
           "the uninterrupted run's" + (f"; differ: {differ[:5]}" if differ else ""), flush=True)
@@ -165,11 +178,13 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     p.add_argument("--torchrun", action="store_true", help="the torchrun check instead of the "
                    "process-group one")
+    p.add_argument("--array", action="store_true", help="the process-group check on synthetic "
+                   "data without workers, preempted by SIGUSR1 to the process alone")
     p.add_argument("flags", nargs="*", help="pretrain.py flags after --; unset: SMALL's")
     bench = p.parse_args()
     methods = list(SMALL) if bench.method == "all" else [bench.method]
-    exact = [check(m, bench.flags or SMALL[m], bench.kills, bench.seed, bench.torchrun)
-             for m in methods]
+    exact = [check(m, bench.flags or SMALL[m], bench.kills, bench.seed, bench.torchrun,
+                   bench.array) for m in methods]
     sys.exit(0 if all(exact) else 1)
 
 
