@@ -1,22 +1,21 @@
 """Datasets (cifar10, cifar100, stl10, imagefolder, synthetic), their statistics and the recipe
-family of the data.
+family of the data; image folders are read by common/folders.py.
 
 Splits: "pretrain" (STL-10: train+unlabeled; a flat image folder is accepted, unlabeled),
 "train" (labelled, the kNN bank and finetune set) and "test".
 """
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
-from PIL import Image
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 from common import dist
-from common.synthetic import SyntheticShapes
 from common.errors import UserError
+from common.folders import (IMAGE_EXTENSIONS, SkipUnreadable, class_root, first_image_size,
+                            imagefolder, shuffled_classes)
+from common.synthetic import SyntheticShapes
 
 DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
 FAMILIES = ["cifar", "stl10", "imagenet"]  # the kinds of data a recipe is written for
@@ -31,7 +30,6 @@ DATASET_STATS = {"cifar10": CIFAR10, "cifar100": (32, (0.5071, 0.4865, 0.4409),
             "stl10": STL10, "synthetic": (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
 FAMILY_STATS = {"cifar": CIFAR10, "stl10": STL10, "imagenet": IMAGENET}
 SYNTHETIC_IMAGES = (10_000, 2_000)  # train, test
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -53,33 +51,6 @@ def data_family(dataset: str, data_dir, image_size: int | None) -> str:
         return "stl10" if dataset == "stl10" else "cifar"
     size = image_size or first_image_size(Path(data_dir))
     return "cifar" if size <= 48 else "stl10" if size <= 128 else "imagenet"
-
-
-def first_image_size(root: Path) -> int:
-    """Shorter side of the first readable image below `root` (sorted walk, train/ before val/);
-    files with an image extension that do not open as images are passed over with a warning
-    each, and a folder without any readable image is one error line."""
-    if not root.is_dir():
-        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
-                        " or a root with train/ and val/ class folders)")
-    unreadable = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(f for f in subfolders if f != "runs")
-        for name in sorted(f for f in files if f.lower().endswith(IMAGE_EXTENSIONS)):
-            try:
-                with Image.open(Path(folder, name)) as img:
-                    size = min(img.size)
-            except (OSError, SyntaxError, ValueError):  # PIL's errors, as SkipUnreadable's
-                unreadable.append(Path(folder, name))
-                continue
-            for i, path in enumerate(unreadable, 1):
-                print(f"warning: skipping unreadable image {path}; {i} unreadable so far",
-                      file=sys.stderr, flush=True)
-            return size
-    example = f" ({len(unreadable)} files that are not images, e.g. {unreadable[0]})" \
-        if unreadable else ""
-    raise UserError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under "
-                    f"{root}{example}")
 
 
 def resolve_data(args) -> None:
@@ -117,48 +88,6 @@ def dataset_info(cfg) -> DataInfo:
                     getattr(cfg, "holdout", 0.2))
 
 
-class SkipUnreadable(Dataset):
-    """An image-file dataset in which an image that fails to decode (truncated, corrupt) is
-    replaced by the next readable one, with one warning line naming the file and the count of
-    such files this process has met: a bad file costs one image, not the run."""
-
-    def __init__(self, ds, paths: list):
-        self.ds, self.paths, self.skipped = ds, paths, set()
-        self.classes = getattr(ds, "classes", [])
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        for j in range(i, i + len(self.ds)):
-            try:
-                return self.ds[j % len(self.ds)]
-            except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors
-                self.skipped.add(j % len(self.ds))
-                print(f"warning: skipping unreadable image {self.paths[j % len(self.ds)]} "
-                      f"({type(e).__name__}: {e}); {len(self.skipped)} unreadable so far in this"
-                      " process", file=sys.stderr, flush=True)
-        raise UserError("no image of the dataset could be read")
-
-
-class ImageFiles(Dataset):
-    """Every image below `root` (recursive, RGB); label -1 = unlabeled. Skips runs/ folders."""
-
-    def __init__(self, root: Path, transform):
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                            and "runs" not in p.relative_to(root).parts)
-        if not self.files:
-            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-        self.transform, self.targets = transform, [-1] * len(self.files)
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        with Image.open(self.files[i]) as img:
-            return self.transform(img.convert("RGB")), -1
-
-
 def _torchvision(cls, root: Path, expected: str, **kwargs):
     """Open a torchvision dataset, downloading it on rank 0 first; one clear line offline."""
     if not (root / expected).exists() and dist.rank() == 0:
@@ -170,60 +99,6 @@ def _torchvision(cls, root: Path, expected: str, **kwargs):
                             "offline with --dataset synthetic") from None
     dist.barrier()
     return cls(root, download=False, **kwargs)
-
-
-def _imagefolder(root: Path, split: str, transform, holdout: float):
-    """root/train/ and root/val/ class folders; else root/<class>/ folders, of which a fixed
-    share of each class is held out as the test split (held_out); else, for pretraining, every
-    image below root, unlabelled (None for the labelled splits)."""
-    if not root.is_dir():
-        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
-                        " or a root with train/ and val/ class folders)")
-    sub = root / ("val" if split == "test" else "train")
-    if sub.is_dir():
-        try:
-            ds = torchvision.datasets.ImageFolder(sub, transform, is_valid_file=_is_image)
-        except FileNotFoundError:  # no class folders, or class folders without images
-            raise UserError(f"{sub} holds no class folders with images: put each class's "
-                            "images in its own subfolder (train/<class>/*.jpg)") from None
-        return SkipUnreadable(ds, [path for path, _ in ds.samples])
-    if class_root(root):
-        try:  # one folder per class: labelled
-            ds = torchvision.datasets.ImageFolder(root, transform, is_valid_file=_is_image)
-        except FileNotFoundError:
-            ds = None
-        if ds is not None:
-            test = set(held_out(ds.targets, holdout))
-            keep = [i for i in range(len(ds)) if (i in test) == (split == "test")]
-            part = SkipUnreadable(Subset(ds, keep), [ds.samples[i][0] for i in keep])
-            part.classes = ds.classes
-            return part
-    if split == "pretrain":
-        ds = ImageFiles(root, transform)
-        return SkipUnreadable(ds, ds.files)
-    return None  # no labelled split: the kNN monitor / finetune cannot run
-
-
-def class_root(root: Path) -> bool:
-    """A folder without images of its own: its subfolders are read as classes."""
-    return root.is_dir() and not any(_is_image(p.name) for p in root.iterdir() if p.is_file())
-
-
-def shuffled_classes(labels: list) -> list:
-    """Each class's indices in a random order drawn with seed 0, classes in sorted order: the
-    fixed draws behind the held-out split and the --dev sample."""
-    members, g = {}, torch.Generator().manual_seed(0)
-    for i, c in enumerate(labels):
-        members.setdefault(c, []).append(i)
-    return [[members[c][j] for j in torch.randperm(len(members[c]), generator=g).tolist()]
-            for c in sorted(members)]
-
-
-def held_out(targets: list, share: float) -> list:
-    """The test split of a class-folder root: round(share x n_c) images of each class c, drawn
-    with a fixed seed, so every run and finetune on the folder holds out the same ones."""
-    return sorted(i for order in shuffled_classes(targets)
-                  for i in order[:round(share * len(order))])
 
 
 def dev_sample(ds, n: int):
@@ -255,10 +130,6 @@ def targets(ds) -> list | None:
     return None if labels is None else list(labels)
 
 
-def _is_image(path: str) -> bool:
-    return path.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, dev: int = 0):
     """The dataset of `split` with `transform`, or None if the data has no such labelled split.
     `dev` > 0 keeps a fixed sample of `dev` images (a quarter of that for the test split)."""
@@ -276,7 +147,7 @@ def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, d
         ds = _torchvision(torchvision.datasets.STL10, root, "stl10_binary", split=stl_split,
                           transform=transform)
     else:
-        ds = _imagefolder(root, split, transform, info.holdout)
+        ds = imagefolder(root, split, transform, info.holdout)
     if ds is not None and dev:
         ds = dev_sample(ds, dev if train else max(1, dev // 4))
     return ds

@@ -42,7 +42,7 @@ RECIPES = {
     # mmcr/imagenet/train.py): ResNet-50, 2 views, LARS 0.6 per 256 images, 10 warmup epochs
     # then cosine to 0.001 x peak, 100 epochs, momentum branch 0.99, projector 8192-8192-512,
     # zero-init residuals; 128 images per GPU (16 GPUs: the official global batch of 2048).
-    # The paper's 8-view run is --num-views 8 (the official README: it needs 8 nodes)
+    # (the earlier official defaults, 287db45: --num-views 8 --base-learning-rate 0.8)
     "imagenet": dict(backbone="resnet50", batch_size=128, num_views=2, max_epochs=100,
                      optimizer="lars", learning_rate=None, base_learning_rate=0.6,
                      warmup_duration=Epochs(10), final_lr_ratio=0.001, weight_decay=1e-6,

@@ -114,3 +114,10 @@ def use_tiny_cnn(monkeypatch, model_module) -> None:
 def read_metrics(run_dir) -> list:
     """The records of a run directory's metrics.jsonl, one dict per epoch."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def resolved(args, expected: dict) -> bool:
+    """args holds each value of `expected`: floats within pytest.approx's tolerance, the rest
+    (strings, lists, None) exactly."""
+    return {k: getattr(args, k) for k in expected} == \
+        {k: pytest.approx(v) if isinstance(v, float) else v for k, v in expected.items()}

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import resolved
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -118,4 +120,49 @@ def test_official_evaluation_commands_resolve_to_the_reference_protocol(method, 
     from common.finetune import finetune_args
     args = getattr(module, "get_args", finetune_args("").parse_args)(argv)
     assert args.batch_size * world == global_batch
-    assert {k: getattr(args, k) for k in expected} == pytest.approx(expected)
+    assert resolved(args, expected), {k: getattr(args, k) for k in expected}
+
+
+# Each reference's pretraining run, typed in from its source: (method, README comment, global
+# batch, resolved flags); the learning rate is the peak after any batch scaling.
+OFFICIAL_RUNS = [
+    # ThomasYerxa/mmcr fafd3a9 pretrain_cifar_stl.py, mmcr/cifar_stl/train.py + models.py:
+    # ResNet-50 with the CIFAR stem, 32 images x 40 views, Adam 1e-3 constant (no scheduler),
+    # wd 1e-6, 500 epochs, fp32, projector 512-128, no momentum branch
+    ("mmcr", "the official CIFAR-10 run", 32,
+     dict(backbone="resnet50", stem="cifar", num_views=40, optimizer="adam", learning_rate=1e-3,
+          warmup_duration=0, final_lr_ratio=1, weight_decay=1e-6, max_epochs=500,
+          precision="fp32", hidden_dim=[512], projection_dim=128, ema=None)),
+    # pretrain_imagenet.py at fafd3a9: batch 2048 on 4 nodes x 4 GPUs, n_aug 2, lr 0.6 x 2048 /
+    # 256; at 287db45: n_aug 8, lr 0.8
+    ("mmcr", "the official ImageNet run", 2048,
+     dict(backbone="resnet50", stem="imagenet", num_views=2, optimizer="lars",
+          learning_rate=0.6 * 2048 / 256, ema=0.99, max_epochs=100)),
+    ("mmcr", "the 8-view ImageNet run", 2048,
+     dict(num_views=8, learning_rate=0.8 * 2048 / 256)),
+    # the NNCLR paper: batch 4096, lr 0.3 x 4096 / 256, temperature 0.1, support set 98,304
+    ("nnclr", "the paper's ImageNet values", 4096,
+     dict(backbone="resnet50", learning_rate=0.3 * 4096 / 256, tau=0.1, queue_size=98304)),
+    # WXinlong/DenseCL b64bbb6 densecl_imagenet_200ep.py: 8 GPUs x 32, lr 0.03, EMA 0.999
+    ("densecl", "the official ImageNet recipe", 256,
+     dict(backbone="resnet50", learning_rate=0.03, ema=0.999, queue_size=65536, max_epochs=200)),
+    # facebookresearch/msn 4388dc1 msn_vits16.yaml: 64 per GPU on 16 GPUs, lr 1e-3 (no rule)
+    ("msn", "the official ViT-S/16 run", 1024,
+     dict(arch="vit_small", patch_size=16, learning_rate=1e-3, max_epochs=800)),
+]
+
+
+@pytest.mark.parametrize("method, comment, global_batch, expected", OFFICIAL_RUNS,
+                         ids=[c for _, c, _, _ in OFFICIAL_RUNS])
+def test_official_pretraining_commands_resolve_to_the_reference_run(method, comment, global_batch,
+                                                                   expected, photo_folder,
+                                                                   monkeypatch):
+    world, script, argv = readme_line(comment)
+    assert script == f"{method}/pretrain.py"
+    if "--data-dir" in argv:  # the placeholder /data/imagenet
+        argv = [*argv, "--data-dir", str(photo_folder)]
+    monkeypatch.setenv("RANK", "0")  # as torchrun launches each process
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    args = importlib.import_module(f"{method}.pretrain").get_args(argv)
+    assert args.batch_size * world == global_batch
+    assert resolved(args, expected), {k: getattr(args, k) for k in expected}

@@ -1,0 +1,143 @@
+"""Image folders: the layouts read (train/ and val/ class folders, one folder per class with a
+fixed held-out share, or a folder of unlabelled images), the image size of the first image,
+and unreadable files skipped with a warning instead of ending the run."""
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from common.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def is_image(path: str) -> bool:
+    """A file name with an image extension."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def first_image_size(root: Path) -> int:
+    """Shorter side of the first readable image below `root` (sorted walk, train/ before val/);
+    files with an image extension that do not open as images are passed over with a warning
+    each, and a folder without any readable image is one error line."""
+    if not root.is_dir():
+        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
+                        " or a root with train/ and val/ class folders)")
+    unreadable = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(f for f in subfolders if f != "runs")
+        for name in sorted(f for f in files if is_image(f)):
+            try:
+                with Image.open(Path(folder, name)) as img:
+                    size = min(img.size)
+            except (OSError, SyntaxError, ValueError):  # PIL's errors, as SkipUnreadable's
+                unreadable.append(Path(folder, name))
+                continue
+            for i, path in enumerate(unreadable, 1):
+                print(f"warning: skipping unreadable image {path}; {i} unreadable so far",
+                      file=sys.stderr, flush=True)
+            return size
+    example = f" ({len(unreadable)} files that are not images, e.g. {unreadable[0]})" \
+        if unreadable else ""
+    raise UserError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under "
+                    f"{root}{example}")
+
+
+class SkipUnreadable(Dataset):
+    """An image-file dataset in which an image that fails to decode (truncated, corrupt) is
+    replaced by the next readable one, with one warning line naming the file and the count of
+    such files this process has met: a bad file costs one image, not the run."""
+
+    def __init__(self, ds, paths: list):
+        self.ds, self.paths, self.skipped = ds, paths, set()
+        self.classes = getattr(ds, "classes", [])
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        for j in range(i, i + len(self.ds)):
+            try:
+                return self.ds[j % len(self.ds)]
+            except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors
+                self.skipped.add(j % len(self.ds))
+                print(f"warning: skipping unreadable image {self.paths[j % len(self.ds)]} "
+                      f"({type(e).__name__}: {e}); {len(self.skipped)} unreadable so far in this"
+                      " process", file=sys.stderr, flush=True)
+        raise UserError("no image of the dataset could be read")
+
+
+class ImageFiles(Dataset):
+    """Every image below `root` (recursive, RGB); label -1 = unlabeled. Skips runs/ folders."""
+
+    def __init__(self, root: Path, transform):
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                            and "runs" not in p.relative_to(root).parts)
+        if not self.files:
+            raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+        self.transform, self.targets = transform, [-1] * len(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert("RGB")), -1
+
+
+def imagefolder(root: Path, split: str, transform, holdout: float):
+    """root/train/ and root/val/ class folders; else root/<class>/ folders, of which a fixed
+    share of each class is held out as the test split (held_out); else, for pretraining, every
+    image below root, unlabelled (None for the labelled splits)."""
+    if not root.is_dir():
+        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
+                        " or a root with train/ and val/ class folders)")
+    sub = root / ("val" if split == "test" else "train")
+    if sub.is_dir():
+        try:
+            ds = torchvision.datasets.ImageFolder(sub, transform, is_valid_file=is_image)
+        except FileNotFoundError:  # no class folders, or class folders without images
+            raise UserError(f"{sub} holds no class folders with images: put each class's "
+                            "images in its own subfolder (train/<class>/*.jpg)") from None
+        return SkipUnreadable(ds, [path for path, _ in ds.samples])
+    if class_root(root):
+        try:  # one folder per class: labelled
+            ds = torchvision.datasets.ImageFolder(root, transform, is_valid_file=is_image)
+        except FileNotFoundError:
+            ds = None
+        if ds is not None:
+            test = set(held_out(ds.targets, holdout))
+            keep = [i for i in range(len(ds)) if (i in test) == (split == "test")]
+            part = SkipUnreadable(Subset(ds, keep), [ds.samples[i][0] for i in keep])
+            part.classes = ds.classes
+            return part
+    if split == "pretrain":
+        ds = ImageFiles(root, transform)
+        return SkipUnreadable(ds, ds.files)
+    return None  # no labelled split: the kNN monitor / finetune cannot run
+
+
+def class_root(root: Path) -> bool:
+    """A folder without images of its own: its subfolders are read as classes."""
+    return root.is_dir() and not any(is_image(p.name) for p in root.iterdir() if p.is_file())
+
+
+def shuffled_classes(labels: list) -> list:
+    """Each class's indices in a random order drawn with seed 0, classes in sorted order: the
+    fixed draws behind the held-out split and the --dev sample."""
+    members, g = {}, torch.Generator().manual_seed(0)
+    for i, c in enumerate(labels):
+        members.setdefault(c, []).append(i)
+    return [[members[c][j] for j in torch.randperm(len(members[c]), generator=g).tolist()]
+            for c in sorted(members)]
+
+
+def held_out(targets: list, share: float) -> list:
+    """The test split of a class-folder root: round(share x n_c) images of each class c, drawn
+    with a fixed seed, so every run and finetune on the folder holds out the same ones."""
+    return sorted(i for order in shuffled_classes(targets)
+                  for i in order[:round(share * len(order))])
