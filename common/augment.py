@@ -99,11 +99,6 @@ class OneView(MultiView):
         return super().__call__(img)[0]
 
 
-def crop_flip(size, mean, std, interpolation: str) -> View:
-    """A random resized crop (0.08-1) and flip, no colour ops: the supervised finetune's view."""
-    return View(size, mean, std, jitter_p=0.0, gray_p=0.0, interpolation=interpolation)
-
-
 def eval_transform(info):
     """Deterministic transform for the kNN bank, the test split and finetune evaluation, from
     a DataInfo: its test_resize (the shorter side before the centre crop: STL-10 70 -> 64,

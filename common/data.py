@@ -13,8 +13,8 @@ from torch.utils.data import Subset
 
 from common import dist
 from common.errors import UserError
-from common.folders import (IMAGE_EXTENSIONS, SkipUnreadable, class_root, first_image_size,
-                            imagefolder, shuffled_classes)
+from common.folders import (SkipUnreadable, class_root, first_image_size, imagefolder,
+                            is_image, shuffled_classes)
 from common.synthetic import SyntheticShapes
 
 DATASETS = ["cifar10", "cifar100", "stl10", "imagefolder", "synthetic"]
@@ -67,7 +67,7 @@ def pretrain_images(args) -> int:
     if args.dataset == "imagefolder":
         root = Path(args.data_dir) / "train" if (Path(args.data_dir) / "train").is_dir() \
             else Path(args.data_dir)
-        n = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*"))
+        n = sum(is_image(p.name) for p in root.rglob("*"))
         n -= round(args.holdout * n) if class_root(root) else 0  # about held_out's share
     else:
         n = {"synthetic": SYNTHETIC_IMAGES[0], "cifar10": 50_000, "cifar100": 50_000,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import dist
-from common.augment import OneView, crop_flip, eval_transform
+from common.augment import OneView, View, eval_transform
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.data import DATASETS, dataset_info, load_split, num_classes
 from common.dist import gather_rows
@@ -89,8 +89,9 @@ def _data(args, pre_args, train_view):
     info = dataset_info(cfg)
     data_dir = args.data_dir or pre_args["data_dir"]
     dev = pre_args.get("dev", 0) if args.dev is None else args.dev
-    view = train_view(info) if train_view else \
-        crop_flip(info.image_size, info.mean, info.std, args.crop_interpolation)
+    view = train_view(info) if train_view else View(  # crop and flip, no colour ops
+        info.image_size, info.mean, info.std, jitter_p=0.0, gray_p=0.0,
+        interpolation=args.crop_interpolation)
     train = load_split(info, data_dir, "train", OneView(view), args.seed, dev)
     test = load_split(info, data_dir, "test", eval_transform(info), args.seed, dev)
     if train is None or test is None or not num_classes(train):

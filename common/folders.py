@@ -20,13 +20,18 @@ def is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def must_exist(root: Path) -> None:
+    """One error line when the --data-dir of an image folder is missing."""
+    if not root.is_dir():
+        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
+                        " or a root with train/ and val/ class folders)")
+
+
 def first_image_size(root: Path) -> int:
     """Shorter side of the first readable image below `root` (sorted walk, train/ before val/);
     files with an image extension that do not open as images are passed over with a warning
     each, and a folder without any readable image is one error line."""
-    if not root.is_dir():
-        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
-                        " or a root with train/ and val/ class folders)")
+    must_exist(root)
     unreadable = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(f for f in subfolders if f != "runs")
@@ -75,7 +80,7 @@ class ImageFiles(Dataset):
     """Every image below `root` (recursive, RGB); label -1 = unlabeled. Skips runs/ folders."""
 
     def __init__(self, root: Path, transform):
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+        self.files = sorted(p for p in root.rglob("*") if is_image(p.name)
                             and "runs" not in p.relative_to(root).parts)
         if not self.files:
             raise UserError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
@@ -93,9 +98,7 @@ def imagefolder(root: Path, split: str, transform, holdout: float):
     """root/train/ and root/val/ class folders; else root/<class>/ folders, of which a fixed
     share of each class is held out as the test split (held_out); else, for pretraining, every
     image below root, unlabelled (None for the labelled splits)."""
-    if not root.is_dir():
-        raise UserError(f"--data-dir {root} does not exist (imagefolder needs a folder of images"
-                        " or a root with train/ and val/ class folders)")
+    must_exist(root)
     sub = root / ("val" if split == "test" else "train")
     if sub.is_dir():
         try:

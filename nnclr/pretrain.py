@@ -82,7 +82,8 @@ def get_args(argv=None):
         p.error(f"--queue-size {args.queue_size} must be a multiple of the global batch "
                 f"{images} (--batch-size {args.batch_size} x {images // args.batch_size} "
                 f"processes), e.g. {max(1, round(args.queue_size / images)) * images}")
-    args.queue_size = cap_queue(args.queue_size, *support_set_limit(args, images))
+    limit, why = support_set_limit(args, images)
+    args.queue_size = cap_queue(args.queue_size, limit, "--queue-size", why)
     args.stem = resolve_stem(args.stem, args.recipe)
     return args
 
@@ -91,11 +92,11 @@ def support_set_limit(args, images: int) -> tuple:
     """The largest support set whose random initial vectors are replaced within the first
     tenth of the run, or the first epoch if that is longer (one global batch of `images` per
     step): solo-learn's 65,536 on CIFAR-10 is replaced in 256 of 195,000 steps. Returns
-    cap_queue's (limit, flag, why)."""
+    (limit, why) for cap_queue."""
     epoch = pretrain_images(args) // images  # steps
     steps = max(epoch, epoch * args.max_epochs // 10)
-    return steps * images, "--queue-size", f"would hold random vectors for more than " \
-        f"{steps} steps (a tenth of the run, at least an epoch)"
+    return steps * images, f"would hold random vectors for more than {steps} steps (a tenth " \
+        "of the run, at least an epoch)"
 
 
 def pretrain_views(args, info) -> list:

@@ -15,7 +15,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -35,7 +35,7 @@ def _worker(rank, world, port, fn, args, out_dir):
 def run_distributed(fn, world: int, tmp_path, *args) -> list:
     """Run fn(rank, world, *args) in `world` gloo processes; returns each rank's result.
     fn must be a module-level function of a test module (it is pickled to the workers)."""
-    mp.spawn(_worker, (world, _free_port(), fn, args, str(tmp_path)), nprocs=world)
+    mp.spawn(_worker, (world, free_port(), fn, args, str(tmp_path)), nprocs=world)
     return [torch.load(Path(tmp_path) / f"{r}.pt", weights_only=False) for r in range(world)]
 
 

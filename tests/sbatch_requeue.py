@@ -12,7 +12,6 @@ signal reached and end with the weights and buffers of an uninterrupted run, bit
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from helpers import free_port  # noqa: E402
 from kill_resume import image_folder  # noqa: E402
 
 GRACE = 90  # seconds from USR1 to SIGKILL (SLURM's --signal=B:USR1@300 gives 300)
@@ -54,12 +54,6 @@ def adapt(script: str, data: Path, out: Path, port: int) -> str:
         assert script.count(old) == 1, f"README's sbatch script no longer holds '{old}'"
         script = script.replace(old, new)
     return script
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stand_in_slurm(tmp: Path) -> dict:
