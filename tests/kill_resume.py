@@ -1,5 +1,6 @@
-"""Kill-and-resume checks (a script; tests/test_cluster.py runs them for MMCR, .ci/run for
-all four methods), each on an image folder with 2 loader workers per process:
+"""Kill-and-resume checks (a script, which .ci/run runs for all four methods: each check
+needs about a minute of process starts, too long for the suite), each on an image folder with
+2 loader workers per process:
 - process group: pretrain once straight through, then again stopped at random moments by a
   signal to its whole process group, first SIGTERM (preemption: exit code 75), then SIGKILL,
   and continued with --resume auto each time. Each kill must lose at most --checkpoint-every

@@ -1,6 +1,7 @@
-"""Surviving a cluster: kills at random moments and SIGTERM under torchrun resume exactly,
-evaluation sharded over ranks equals one process, a dying rank does not hang the others, and a
-finished run can be extended."""
+"""Surviving a cluster: evaluation sharded over ranks equals one process, a dying rank does
+not hang the others, and a finished run can be extended. The kills at random moments and
+SIGTERM under torchrun, which need about a minute of process starts each, run from .ci/run
+(tests/kill_resume.py, all four methods)."""
 import os
 import subprocess
 import sys
@@ -17,7 +18,6 @@ from common.dist import Dist
 from common.knn import knn_eval
 from common.errors import run_main
 from helpers import ROOT, read_metrics, run_distributed, use_tiny_cnn
-from kill_resume import SMALL, kill_and_resume, sigterm_under_torchrun
 from mmcr import model as mmcr_model
 from mmcr import pretrain
 
@@ -41,23 +41,6 @@ def _knn(rank, world, k):
 def test_sharded_knn_equals_one_process(k, tmp_path):
     one = _knn(0, 1, k)
     assert run_distributed(_knn, 2, tmp_path, k) == [one, one]
-
-
-def test_preempted_then_killed_at_random_moments_resumes_exactly(tmp_path):
-    # MMCR here; .ci/run runs tests/kill_resume.py for the other three methods (about a
-    # minute each on 2 cores, most of it starting processes)
-    straight, resumed, kills = kill_and_resume("mmcr", SMALL["mmcr"], tmp_path, kills=2)
-    assert kills == 2  # one SIGTERM, one SIGKILL
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
-
-
-def test_sigterm_under_torchrun_checkpoints_and_resumes_exactly(tmp_path):
-    # MMCR here, .ci/run all four: 2 ranks on an image folder with 2 loader workers each;
-    # torchrun passes SIGTERM on to each rank's process group, workers included
-    straight, resumed, step = sigterm_under_torchrun("mmcr", SMALL["mmcr"], tmp_path)
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
 
 
 FAILING_RANK = """

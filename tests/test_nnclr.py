@@ -11,10 +11,10 @@ from common import dist
 from common.data import dataset_info
 from common.lars import LARS
 from common.errors import run_main
-from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed, run_script,
+from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed,
                      straight_and_resumed, use_tiny_cnn)
 from nnclr import model as nnclr_model
-from nnclr import pretrain
+from nnclr import finetune, pretrain
 from nnclr.model import NNCLR, nnclr_loss
 from nnclr.pretrain import train_step
 
@@ -194,13 +194,13 @@ def test_bad_input_is_one_line_and_exit_2(flags, message, capsys, tmp_path):
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_pretrain_then_finetune_end_to_end(tmp_path):
+def test_pretrain_then_finetune_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    result = run_script("nnclr/pretrain.py", *TINY, "--dev", "64", "--max-epochs", "1",
-                        "--output-dir", out)
-    assert result.returncode == 0, result.stderr
-    assert "world size 1 | per process 8 images x 2 views | global 8 images" in result.stdout
-    assert "peak lr 0.0125 (base 0.4 x 8 / 256" in result.stdout
+    # in-process (test_mmcr.py runs pretrain.py as a file; .ci/run runs every method's so)
+    pretrain.main([*TINY, "--dev", "64", "--max-epochs", "1", "--output-dir", str(out)])
+    printed = capsys.readouterr().out
+    assert "world size 1 | per process 8 images x 2 views | global 8 images" in printed
+    assert "peak lr 0.0125 (base 0.4 x 8 / 256" in printed
     names = {p.name for p in out.iterdir()}
     assert {"args.json", "metrics.jsonl", "last.pt", "best.pt", "backbone.pt"} <= names
     records = read_metrics(out)
@@ -212,10 +212,9 @@ def test_pretrain_then_finetune_end_to_end(tmp_path):
     assert (ckpt["model"]["queue_labels"] >= 0).all()  # random init fully replaced
     missing = load_into_torchvision_resnet18(out / "backbone.pt")
     assert missing.missing_keys == ["fc.weight", "fc.bias"] and not missing.unexpected_keys
-    result = run_script("nnclr/finetune.py", "--checkpoint", out / "last.pt", "--dev", "64",
-                        "--batch-size", "16", "--max-epochs", "1", "--num-workers", "0")
-    assert result.returncode == 0, result.stderr
-    assert "loaded 120 backbone tensors" in result.stdout
+    finetune.main(["--checkpoint", str(out / "last.pt"), "--dev", "64", "--batch-size", "16",
+                   "--max-epochs", "1", "--num-workers", "0"])
+    assert "loaded 120 backbone tensors" in capsys.readouterr().out
     record = read_metrics(out / "finetune-linear")[-1]
     assert 0 <= record["top1"] <= 100 and "top5" in record
 
