@@ -1,6 +1,8 @@
 """Test helpers: multi-process gloo runs and the scripts as subprocesses."""
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -53,27 +55,46 @@ class Killed(Exception):
     """Stands for a kill -9 in the middle of training."""
 
 
-def straight_and_resumed(pretrain, flags, tmp_path, monkeypatch, kill_before_step=6):
-    """Runs pretrain.main(flags) once straight through, and once killed before the
-    `kill_before_step`-th call of train_step and then continued with --resume auto.
-    Returns (straight last.pt, resumed last.pt, epoch of last.pt at the kill)."""
+def straight_and_resumed(pretrain, flags, tmp_path, monkeypatch, steps: int = 8):
+    """Runs pretrain.main(flags) (a run of `steps` steps) once straight through, and once
+    stopped twice at random steps and continued with --resume auto each time: first by SIGTERM
+    to this process during a step, after which the run must finish that step, write last.pt
+    there and exit with code 75; then by a kill in the middle of a later step (last.pt stays
+    where it was). Returns (straight last.pt, resumed last.pt, (the step the signal stopped
+    at, the step last.pt held at the kill)); tests/kill_resume.py does the same with real
+    processes and signals."""
+    from common.errors import PREEMPTED, run_main
     pretrain.main([*flags, "--output-dir", str(tmp_path / "straight")])
-    step_once, calls = pretrain.train_step, []
+    run = [*flags, "--output-dir", str(tmp_path / "run")]
+    step_once, rng = pretrain.train_step, random.Random()
 
-    def killed(*args):
-        if len(calls) == kill_before_step:
-            raise Killed
-        calls.append(1)
-        return step_once(*args)
+    def stop_at(call: int, stop):
+        calls = []
 
-    monkeypatch.setattr(pretrain, "train_step", killed)
+        def step(*args):
+            if len(calls) == call:
+                stop()
+            calls.append(1)
+            return step_once(*args)
+        monkeypatch.setattr(pretrain, "train_step", step)
+
+    def kill():
+        raise Killed
+
+    signalled = rng.randrange(1, steps - 2)  # steps done before the one the signal arrives in
+    stop_at(signalled, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        run_main(pretrain.main, run)
+    held = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"]
+    assert stopped.value.code == PREEMPTED and held == signalled + 1, (signalled, held)
+    stop_at(rng.randrange(1, steps - held), kill)
     with pytest.raises(Killed):
-        pretrain.main([*flags, "--output-dir", str(tmp_path / "run")])
+        pretrain.main([*run, "--resume", "auto"])
+    at_kill = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["step"]
     monkeypatch.setattr(pretrain, "train_step", step_once)
-    epoch_at_kill = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"]
-    pretrain.main([*flags, "--output-dir", str(tmp_path / "run"), "--resume", "auto"])
+    pretrain.main([*run, "--resume", "auto"])
     return (torch.load(tmp_path / "straight" / "last.pt", weights_only=True),
-            torch.load(tmp_path / "run" / "last.pt", weights_only=True), epoch_at_kill)
+            torch.load(tmp_path / "run" / "last.pt", weights_only=True), (held, at_kill))
 
 
 def load_into_torchvision_resnet18(path):

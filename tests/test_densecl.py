@@ -378,11 +378,11 @@ def test_pretrain_then_finetune_end_to_end(tmp_path, capsys):
 
 def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path, monkeypatch):
     flags = [*TINY, "--dev", "32", "--max-epochs", "2", "--eval-every", "0"]
-    # 4 steps per epoch: killed mid-way through epoch 2
-    a, b, _ = straight_and_resumed(pretrain, flags, tmp_path, monkeypatch)
+    # 4 steps per epoch: SIGTERM, then a kill, at random steps
+    a, b, stops = straight_and_resumed(pretrain, flags, tmp_path, monkeypatch)
     assert a["step"] == b["step"] == 8 and "queue_dense" in a["model"]
     for name, value in a["model"].items():  # weights, momentum copies, BN statistics, queues
-        assert torch.equal(value, b["model"][name]), name
+        assert torch.equal(value, b["model"][name]), (name, stops)
     for i, state in a["optimizer"]["state"].items():
         assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
 

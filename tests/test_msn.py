@@ -243,12 +243,12 @@ def test_bad_input_exits_with_one_line(capsys):
 def test_resume_equals_straight_run(tmp_path, monkeypatch):
     flags = TINY + ["--dev", "32", "--batch-size", "8", "--max-epochs", "2", "--eval-every",
                     "0", "--hidden-dim", "32", "--num-prototypes", "8"]
-    # 4 steps per epoch: dies in the middle of epoch 2
-    a, b, _ = straight_and_resumed(pretrain, flags, tmp_path, monkeypatch)
+    # 4 steps per epoch: SIGTERM, then a kill, at random steps
+    a, b, stops = straight_and_resumed(pretrain, flags, tmp_path, monkeypatch)
     assert a["step"] == b["step"] == 8
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:  # online and target encoders, projectors (BN stats), prototypes
-        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["model"][k], b["model"][k]), (k, stops)
     for ga, gb in zip(a["optimizer"]["param_groups"], b["optimizer"]["param_groups"]):
         assert (ga["lr"], ga["weight_decay"]) == (gb["lr"], gb["weight_decay"])  # schedules
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
