@@ -20,6 +20,16 @@ def is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def open_rgb(path) -> Image.Image:
+    """An image file as 8-bit RGB, whatever its mode (gray, palette, alpha, CMYK). 16-bit
+    gray (PNG/TIFF) is scaled to 8 bits first: PIL's own conversion clips it at 255, which
+    turns most of such an image white."""
+    with Image.open(path) as img:
+        if img.mode.startswith("I"):
+            img = img.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+        return img.convert("RGB")
+
+
 def must_exist(root: Path) -> None:
     """One error line when the --data-dir of an image folder is missing."""
     if not root.is_dir():
@@ -90,8 +100,7 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as img:
-            return self.transform(img.convert("RGB")), -1
+        return self.transform(open_rgb(self.files[i])), -1
 
 
 def imagefolder(root: Path, split: str, transform, holdout: float):
@@ -102,14 +111,16 @@ def imagefolder(root: Path, split: str, transform, holdout: float):
     sub = root / ("val" if split == "test" else "train")
     if sub.is_dir():
         try:
-            ds = torchvision.datasets.ImageFolder(sub, transform, is_valid_file=is_image)
+            ds = torchvision.datasets.ImageFolder(sub, transform, loader=open_rgb,
+                                                 is_valid_file=is_image)
         except FileNotFoundError:  # no class folders, or class folders without images
             raise UserError(f"{sub} holds no class folders with images: put each class's "
                             "images in its own subfolder (train/<class>/*.jpg)") from None
         return SkipUnreadable(ds, [path for path, _ in ds.samples])
     if class_root(root):
         try:  # one folder per class: labelled
-            ds = torchvision.datasets.ImageFolder(root, transform, is_valid_file=is_image)
+            ds = torchvision.datasets.ImageFolder(root, transform, loader=open_rgb,
+                                                 is_valid_file=is_image)
         except FileNotFoundError:
             ds = None
         if ds is not None:

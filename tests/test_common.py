@@ -231,3 +231,30 @@ def test_eval_transform_resizes_with_the_references_interpolation(recipe, mode, 
     by_hand = by_hand.crop((left, top, left + size, top + size))
     expected = torch.tensor(np.asarray(by_hand), dtype=torch.float32).permute(2, 0, 1)
     assert torch.allclose(eval_transform(info)(img) * 255, expected, atol=1e-3)
+
+
+def test_images_of_every_mode_are_read_as_8_bit_rgb(tmp_path):
+    # gray, gray + alpha, palette, RGBA, CMYK and 16-bit gray, as an image folder holds them;
+    # the 16-bit ramp must keep its shape (PIL's own conversion clips it to white)
+    from torchvision.transforms.functional import pil_to_tensor
+    from common.folders import imagefolder
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (8, 6, 3), dtype=np.uint8)
+    ramp = (np.arange(48).reshape(8, 6) * 1365).astype(np.uint16)  # 0 .. 64155
+    alpha = np.full((8, 6, 1), 128, np.uint8)
+    images = {"gray.png": Image.fromarray(rgb[..., 0]),
+              "gray-alpha.png": Image.fromarray(rgb[..., 0]).convert("LA"),
+              "palette.png": Image.fromarray(rgb).convert("P"),
+              "rgba.png": Image.fromarray(np.concatenate([rgb, alpha], 2)),
+              "cmyk.jpg": Image.fromarray(rgb).convert("CMYK"),
+              "ramp16.png": Image.fromarray(ramp)}
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for name, img in images.items():
+        img.save(tmp_path / "train" / "a" / name)
+    ds = imagefolder(tmp_path, "train", pil_to_tensor, 0.2)
+    read = {path.split("/")[-1]: ds[i][0] for i, path in enumerate(ds.paths)}
+    assert all(x.shape == (3, 8, 6) and x.dtype == torch.uint8 for x in read.values())
+    expected_ramp = torch.from_numpy((ramp >> 8).astype(np.uint8)).expand(3, 8, 6)
+    assert torch.equal(read["ramp16.png"], expected_ramp)
+    assert torch.equal(read["rgba.png"], torch.from_numpy(rgb).permute(2, 0, 1))
+    assert torch.equal(read["gray.png"], torch.from_numpy(rgb[..., 0]).expand(3, 8, 6))
