@@ -1,7 +1,8 @@
-"""How a script ends: bad input is one line and exit code 2, a non-finite loss exit code 1, a
-preemption signal (after its checkpoint) exit code 75."""
+"""How a script ends: bad input is one line and exit code 2, a non-finite loss or the device's
+memory running out exit code 1, a preemption signal (after its checkpoint) exit code 75."""
 import sys
 
+import torch
 import torch.distributed as dist
 
 PREEMPTED = 75  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing last.pt
@@ -20,8 +21,8 @@ class Preempted(Exception):
 
 
 def run_main(main, argv=None) -> None:
-    """Run a script's main(argv), turning UserError/NonFiniteLoss/Preempted into one line and an
-    exit code (2, 1, 75)."""
+    """Run a script's main(argv), turning UserError, NonFiniteLoss, an out-of-memory error and
+    Preempted into one line and an exit code (2, 1, 1, 75)."""
     try:
         main(argv)
     except UserError as e:
@@ -33,6 +34,12 @@ def run_main(main, argv=None) -> None:
     except Preempted as e:
         print(f"stopped: {e}", file=sys.stderr, flush=True)
         sys.exit(PREEMPTED)
+    except torch.OutOfMemoryError as e:
+        print(f"error: the device ran out of memory ({str(e).splitlines()[0][:120]}): lower "
+              "--batch-size (images per process) or the number or size of the views, or use "
+              "--precision bf16; the last checkpoint, if any, is untouched", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
     except RuntimeError as e:
         if not peer_failure(e):
             raise

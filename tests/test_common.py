@@ -258,3 +258,15 @@ def test_images_of_every_mode_are_read_as_8_bit_rgb(tmp_path):
     assert torch.equal(read["ramp16.png"], expected_ramp)
     assert torch.equal(read["rgba.png"], torch.from_numpy(rgb).permute(2, 0, 1))
     assert torch.equal(read["gray.png"], torch.from_numpy(rgb[..., 0]).expand(3, 8, 6))
+
+
+def test_running_out_of_device_memory_is_one_line_with_what_to_lower(capsys):
+    from common.errors import run_main
+
+    def main(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 ...")
+    with pytest.raises(SystemExit) as e:
+        run_main(main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1, err
+    assert "Tried to allocate 2.00 GiB" in err[0] and "--batch-size" in err[0]
