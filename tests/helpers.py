@@ -14,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
 
+from common.errors import PREEMPTED, run_main
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -51,6 +53,16 @@ def run_script(script: str, *flags, timeout: int = 300, env=None) -> subprocess.
                           capture_output=True, text=True, timeout=timeout)
 
 
+def fails(main, argv, capsys, match: str) -> str:
+    """main(argv), run as the scripts run it, must print one error line containing `match` and
+    exit with code 2; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
+    return err
+
+
 class Killed(Exception):
     """Stands for a kill -9 in the middle of training."""
 
@@ -63,7 +75,6 @@ def straight_and_resumed(pretrain, flags, tmp_path, monkeypatch, steps: int = 8)
     where it was). Returns (straight last.pt, resumed last.pt, (the step the signal stopped
     at, the step last.pt held at the kill)); tests/kill_resume.py does the same with real
     processes and signals."""
-    from common.errors import PREEMPTED, run_main
     pretrain.main([*flags, "--output-dir", str(tmp_path / "straight")])
     run = [*flags, "--output-dir", str(tmp_path / "run")]
     step_once, rng = pretrain.train_step, random.Random()

@@ -14,12 +14,11 @@ from PIL import Image
 from common.augment import View, pil_colour, pil_view
 from common.backbone import feature_map
 from common.dist import Dist, prepare_model
-from common.errors import run_main
 from densecl import finetune, pretrain
 from densecl import model as densecl_model
 from densecl.model import (DenseCL, SplitBatchNorm2d, densecl_loss, match_accuracy,
                            match_locations, true_match)
-from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed,
+from helpers import (fails, load_into_torchvision_resnet18, read_metrics, run_distributed,
                      straight_and_resumed, use_tiny_cnn)
 
 TINY_MODEL = dict(arch="resnet18", stem="cifar", image_size=16, hidden_dim=32, projection_dim=16)
@@ -336,23 +335,15 @@ def test_small_feature_map_warns_and_backbone_is_torchvision():
         cifar(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))  # 4x4: no warning
 
 
-def _fails(main, argv, capsys, match):
-    """main(argv) must print one error line naming the problem and exit with code 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
-
-
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     flags = [*TINY, "--dev", "32", "--output-dir", str(tmp_path / "r")]
-    _fails(pretrain.main, [*flags, "--tau", "0"], capsys, "argument --tau: must be positive")
-    _fails(pretrain.main, [*flags, "--dense-weight", "2"], capsys, "--dense-weight")
-    _fails(pretrain.main, [*flags, "--queue-size", "12"], capsys,
+    fails(pretrain.main, [*flags, "--tau", "0"], capsys, "argument --tau: must be positive")
+    fails(pretrain.main, [*flags, "--dense-weight", "2"], capsys, "--dense-weight")
+    fails(pretrain.main, [*flags, "--queue-size", "12"], capsys,
            "--queue-size 12 must be a multiple of the global batch 8")
-    _fails(pretrain.main, [*flags, "--bn-splits", "3"], capsys, "groups of at least 2")
+    fails(pretrain.main, [*flags, "--bn-splits", "3"], capsys, "groups of at least 2")
     torch.save({"method": "mmcr", "model": {}, "args": {}}, tmp_path / "other.pt")
-    _fails(finetune.main, ["--checkpoint", str(tmp_path / "other.pt")], capsys, "'mmcr'")
+    fails(finetune.main, ["--checkpoint", str(tmp_path / "other.pt")], capsys, "'mmcr'")
     assert not (tmp_path / "r").exists()
     assert pretrain.default_bn_splits(8, 1) == 4 and pretrain.default_bn_splits(128, 2) == 1
 

@@ -4,8 +4,8 @@ import torch
 
 from common import dist
 from common.errors import run_main
-from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed, run_script,
-                     straight_and_resumed, use_tiny_cnn)
+from helpers import (fails, load_into_torchvision_resnet18, read_metrics, run_distributed,
+                     run_script, straight_and_resumed, use_tiny_cnn)
 from mmcr import finetune, pretrain
 from mmcr import model as mmcr_model
 from mmcr.model import MMCR, mmcr_loss
@@ -156,39 +156,29 @@ def test_resume_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
         assert torch.equal(state["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
 
 
-def _fails(main, argv, capsys, match):
-    """main(argv) must print one error line naming the problem and exit with code 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
-
-
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
     flags = [*TINY, "--dev", "32", "--max-epochs", "1", "--output-dir", str(tmp_path / "r")]
-    _fails(pretrain.main, [*flags, "--dataset", "imagenet"], capsys, "invalid choice")
-    _fails(pretrain.main, [*flags, "--dataset", "cifar10", "--data-dir", str(tmp_path)], capsys,
+    fails(pretrain.main, [*flags, "--dataset", "imagenet"], capsys, "invalid choice")
+    fails(pretrain.main, [*flags, "--dataset", "cifar10", "--data-dir", str(tmp_path)], capsys,
            "cifar-10-batches-py")
     (tmp_path / "empty").mkdir()
-    _fails(pretrain.main, [*flags, "--dataset", "imagefolder", "--data-dir",
+    fails(pretrain.main, [*flags, "--dataset", "imagefolder", "--data-dir",
                            str(tmp_path / "empty")], capsys, "no images")
-    _fails(pretrain.main, [*flags, "--num-views", "1"], capsys, "--num-views")
-    _fails(pretrain.main, [*flags, "--batch-size", "1"], capsys, "BatchNorm")
-    _fails(pretrain.main, [*flags, "--dev", "4"], capsys, "fewer than one global batch")
-    _fails(pretrain.main, [*flags, "--image-size", "4"], capsys, "too small")
-    _fails(finetune.main, ["--checkpoint", str(tmp_path / "none.pt")], capsys, "does not exist")
+    fails(pretrain.main, [*flags, "--num-views", "1"], capsys, "--num-views")
+    fails(pretrain.main, [*flags, "--batch-size", "1"], capsys, "BatchNorm")
+    fails(pretrain.main, [*flags, "--dev", "4"], capsys, "fewer than one global batch")
+    fails(pretrain.main, [*flags, "--image-size", "4"], capsys, "too small")
+    fails(finetune.main, ["--checkpoint", str(tmp_path / "none.pt")], capsys, "does not exist")
     (tmp_path / "corrupt.pt").write_bytes(b"PK\x03\x04 truncated")
-    _fails(finetune.main, ["--checkpoint", str(tmp_path / "corrupt.pt")], capsys, "corrupt")
+    fails(finetune.main, ["--checkpoint", str(tmp_path / "corrupt.pt")], capsys, "corrupt")
     torch.save({"method": "nnclr", "model": {}, "args": {}}, tmp_path / "other.pt")
-    _fails(finetune.main, ["--checkpoint", str(tmp_path / "other.pt")], capsys, "'nnclr'")
+    fails(finetune.main, ["--checkpoint", str(tmp_path / "other.pt")], capsys, "'nnclr'")
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
 def test_cli_error_is_one_line(capsys):
-    with pytest.raises(SystemExit) as e:
-        run_main(pretrain.main, ["--num-views", "1"])
-    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [
-        "error: argument --num-views: must be at least 2 (got 1) (see --help)"]
+    assert fails(pretrain.main, ["--num-views", "1"], capsys, "--num-views") == \
+        "error: argument --num-views: must be at least 2 (got 1) (see --help)"
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -12,20 +12,9 @@ from PIL import Image
 from common import loaders
 from common import device_views as dv
 from common.augment import MultiView, View
+from view_pairs import ks_distance, ks_limit
 
 MEAN, STD = (0.0,) * 3, (1.0,) * 3
-
-
-def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest gap between the empirical CDFs of two samples."""
-    grid = torch.cat([a, b]).unique()
-    cdf = [torch.searchsorted(x.sort().values, grid, right=True) / len(x) for x in (a, b)]
-    return float((cdf[0] - cdf[1]).abs().max())
-
-
-def ks_limit(n: int, m: int) -> float:
-    """Critical KS distance at alpha = 0.001 for samples of n and m."""
-    return 1.95 * math.sqrt((n + m) / (n * m))
 
 
 @pytest.mark.parametrize("height, width, scale", [(32, 32, (0.08, 1.0)), (24, 40, (0.2, 1.0)),
