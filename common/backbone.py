@@ -51,9 +51,3 @@ def resnet_of(pre: dict):
     """The untrained ResNet trunk of a pretraining run whose args are `pre` (backbone, stem,
     image size), and its feature width: what a finetune.py loads the checkpoint into."""
     return resnet(pre["backbone"], pre["stem"], pre["image_size"]), FEATURE_DIM[pre["backbone"]]
-
-
-def feature_map(net: nn.Module, x):
-    """The last (C5) feature map (B, C, H/stride, W/stride) of a resnet() trunk, before pooling."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    return net.layer4(net.layer3(net.layer2(net.layer1(x))))

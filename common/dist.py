@@ -162,15 +162,6 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x if world_size() == 1 else _AllReduceMean.apply(x)
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    """In-place-free sum over ranks without gradient (e.g. Sinkhorn marginals, counts)."""
-    if world_size() == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x
-
-
 def prepare_model(model: torch.nn.Module, d: Dist, sync_bn: bool = True) -> torch.nn.Module:
     """SyncBN + DDP when distributed. SyncBN only exists on CUDA: on CPU it is skipped.
     Methods with their own BN scheme (DenseCL's shuffle-BN) pass sync_bn=False.

@@ -12,9 +12,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.backbone import FEATURE_DIM, feature_map, resnet
+from common.backbone import FEATURE_DIM, resnet
 from common.dist import broadcast, gather, rank, world_size
 from common.momentum import enqueue, update_ema
+
+
+def feature_map(net: nn.Module, x):
+    """The last (C5) feature map (B, C, H/stride, W/stride) of a common.backbone.resnet() trunk, before pooling."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):

@@ -8,11 +8,12 @@ import copy
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import VisionTransformer
 
-from common.dist import all_reduce_mean, all_reduce_sum, world_size
+from common.dist import all_reduce_mean, world_size
 from common.momentum import update_ema
 
 # (width E, depth, heads) of deit_tiny / deit_small / deit_base (msn src/deit.py); MLP 4 x E
@@ -122,6 +123,16 @@ class MSN(nn.Module):
         projector come from its own forward passes, as official)."""
         update_ema([(self.target_encoder, self.encoder), (self.target_projector, self.projector)],
                    momentum)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, without gradient (Sinkhorn's marginals, prototype counts)."""
+    if world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
 
 
 @torch.no_grad()

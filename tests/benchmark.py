@@ -32,11 +32,12 @@ import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common.augment import MultiView  # noqa: E402
-from common.backbone import feature_map, resnet  # noqa: E402
+from common.backbone import resnet  # noqa: E402
 from common.data import dataset_info  # noqa: E402
 from common.loaders import ArrayImages, array_images, decode  # noqa: E402
 from common.device_views import BatchViews  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
+from densecl.model import feature_map  # noqa: E402
 from common.runtime import keep_freed_memory  # noqa: E402
 
 # the work of each comparison (the settings the issue measured), as pretrain.py flags

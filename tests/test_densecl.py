@@ -12,11 +12,10 @@ import torchvision
 from PIL import Image
 
 from common.augment import View, pil_colour, pil_view
-from common.backbone import feature_map
 from common.dist import Dist, prepare_model
 from densecl import finetune, pretrain
 from densecl import model as densecl_model
-from densecl.model import (DenseCL, SplitBatchNorm2d, densecl_loss, match_accuracy,
+from densecl.model import (DenseCL, SplitBatchNorm2d, densecl_loss, feature_map, match_accuracy,
                            match_locations, true_match)
 from helpers import (fails, load_into_torchvision_resnet18, read_metrics, run_distributed,
                      straight_and_resumed, use_tiny_cnn)
