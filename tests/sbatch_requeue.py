@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the repository, as every test script
 from helpers import free_port  # noqa: E402
 from kill_resume import image_folder  # noqa: E402
 
