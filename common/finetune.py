@@ -17,10 +17,10 @@ from common.data import DATASETS, dataset_info, load_split, num_classes
 from common.dist import gather_rows
 from common.errors import UserError
 from common.flags import Parser, add_machine_args, at_least, positive_float
-from common.knn import accuracy
+from common.knn import accuracy, extract_features
 from common.loaders import eval_loader, train_loader
 from common.log import RunLog, summary
-from common.runtime import cpu_cores, resolve_runtime, tune_process
+from common.runtime import resolve_runtime, tune_process
 from common.train import autocast, backward_step, warmup_cosine
 
 
@@ -53,15 +53,11 @@ def finetune_args(description: str) -> Parser:
     a("--dataset", default=None, choices=DATASETS, help="unset: the pretraining dataset "
       "(must be labelled)")
     a("--data-dir", default=None, help="unset: the pretraining --data-dir")
-    a("--num-workers", type=at_least(0), default=min(8, cpu_cores()),
-      help="DataLoader workers per process (the cores this process may use, at most 8)")
     a("--dev", type=at_least(0), nargs="?", const=2048, default=None, help="first N images "
       "only; unset: the pretraining run's --dev")
     a("--output-dir", default=None, help="unset: <checkpoint dir>/finetune-<type>")
     a("--seed", type=int, default=42, help="random seed (seed + rank per process)")
     add_machine_args(p)
-    a("--dist-timeout", type=positive_float, default=10, help="minutes a collective waits for "
-      "a missing rank before the run fails (torchrun)")
     return p
 
 
@@ -98,18 +94,6 @@ def _data(args, pre_args, train_view):
         raise UserError(f"{cfg.dataset} at {data_dir} has no labelled train/ and val/ splits to "
                         "finetune on")
     return train, test
-
-
-@torch.no_grad()
-def evaluate(net, loader, device, precision) -> dict:
-    """Top-1/top-5 on the test split, each rank on its shard, the logits gathered."""
-    net.eval()
-    logits, labels = [], []
-    for x, y in loader:
-        with autocast(precision, device):
-            logits.append(net(x.to(device)).float())
-        labels.append(y.to(device))
-    return accuracy(gather_rows(torch.cat(logits)), gather_rows(torch.cat(labels)))
 
 
 def make_optimizer(params, args):
@@ -192,8 +176,10 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=
                 loss = F.cross_entropy(ddp_net(x.to(d.device)).float(), y.to(d.device))
             backward_step(loss, optimizer, scaler)
             step += 1
+        logits, labels = extract_features(net, test_loader, d.device, args.precision,
+                                          normalize=False)  # this rank's shard of the test split
         record = {"epoch": epoch + 1, "loss": loss.item(),
-                  **evaluate(net, test_loader, d.device, args.precision)}
+                  **accuracy(gather_rows(logits), gather_rows(labels))}
         if d.is_main:
             log.epoch(record)
             log.scalars(step, {k: v for k, v in record.items() if k != "epoch"}, "finetune")

@@ -138,8 +138,6 @@ def add_common_args(parser, recipes: dict, *, knn_temperature: float = 0.5) -> N
     a("--augment", default="device", choices=["device", "pil"], help="device: the loader only "
       "decodes, the views of a whole batch are made on the training device with tensor ops; "
       "pil: each view made by PIL in the DataLoader workers (the reference)")
-    a("--num-workers", type=at_least(0), default=min(8, cpu_cores()),
-      help="DataLoader workers per process (the cores this process may use, at most 8)")
     a("--dev", type=at_least(0), nargs="?", const=2048, default=0, help="use only the first N "
       "images of each split for a quick look (N = 2048 when given without a value; 0: all)")
     a("--output-dir", default=None, help="run directory; unset: runs/<method>/<dataset>-<time>")
@@ -149,8 +147,6 @@ def add_common_args(parser, recipes: dict, *, knn_temperature: float = 0.5) -> N
       "(0: off)")
     a("--checkpoint-every", type=at_least(0, float), default=30, help="also write last.pt every "
       "N minutes of training, part-way through an epoch (0: at epoch ends only)")
-    a("--dist-timeout", type=positive_float, default=10, help="minutes a collective waits for "
-      "a missing rank before the run fails (torchrun)")
     a("--log-every", type=at_least(1), default=50, help="steps between TensorBoard/progress "
       "updates")
     a("--seed", type=int, default=42, help="random seed (each process uses seed + rank)")
@@ -159,9 +155,13 @@ def add_common_args(parser, recipes: dict, *, knn_temperature: float = 0.5) -> N
 
 
 def add_machine_args(parser) -> None:
-    """--precision, --threads, --device: how this machine runs the networks (pretrain.py and
-    finetune.py alike)."""
+    """--precision, --threads, --device, --num-workers, --dist-timeout: how this machine runs
+    the job (pretrain.py and finetune.py alike)."""
     a = parser.add_argument
+    a("--num-workers", type=at_least(0), default=min(8, cpu_cores()),
+      help="DataLoader workers per process (the cores this process may use, at most 8)")
+    a("--dist-timeout", type=positive_float, default=10, help="minutes a collective waits for "
+      "a missing rank before the run fails (torchrun)")
     a("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
       help="autocast dtype for the networks (losses always run in float32); auto: bf16 on a "
       "CUDA GPU that supports it, else fp32 (on a CPU with AVX512-BF16 or AMX, bf16 runs "

@@ -110,29 +110,32 @@ def imagefolder(root: Path, split: str, transform, holdout: float):
     must_exist(root)
     sub = root / ("val" if split == "test" else "train")
     if sub.is_dir():
-        try:
-            ds = torchvision.datasets.ImageFolder(sub, transform, loader=open_rgb,
-                                                 is_valid_file=is_image)
-        except FileNotFoundError:  # no class folders, or class folders without images
+        ds = class_folders(sub, transform)
+        if ds is None:
             raise UserError(f"{sub} holds no class folders with images: put each class's "
-                            "images in its own subfolder (train/<class>/*.jpg)") from None
+                            "images in its own subfolder (train/<class>/*.jpg)")
         return SkipUnreadable(ds, [path for path, _ in ds.samples])
-    if class_root(root):
-        try:  # one folder per class: labelled
-            ds = torchvision.datasets.ImageFolder(root, transform, loader=open_rgb,
-                                                 is_valid_file=is_image)
-        except FileNotFoundError:
-            ds = None
-        if ds is not None:
-            test = set(held_out(ds.targets, holdout))
-            keep = [i for i in range(len(ds)) if (i in test) == (split == "test")]
-            part = SkipUnreadable(Subset(ds, keep), [ds.samples[i][0] for i in keep])
-            part.classes = ds.classes
-            return part
+    ds = class_folders(root, transform) if class_root(root) else None
+    if ds is not None:  # one folder per class: labelled
+        test = set(held_out(ds.targets, holdout))
+        keep = [i for i in range(len(ds)) if (i in test) == (split == "test")]
+        part = SkipUnreadable(Subset(ds, keep), [ds.samples[i][0] for i in keep])
+        part.classes = ds.classes
+        return part
     if split == "pretrain":
         ds = ImageFiles(root, transform)
         return SkipUnreadable(ds, ds.files)
     return None  # no labelled split: the kNN monitor / finetune cannot run
+
+
+def class_folders(root: Path, transform):
+    """torchvision's ImageFolder of root/<class>/ images, or None when root holds no class
+    folders with images."""
+    try:
+        return torchvision.datasets.ImageFolder(root, transform, loader=open_rgb,
+                                                is_valid_file=is_image)
+    except FileNotFoundError:
+        return None
 
 
 def class_root(root: Path) -> bool:

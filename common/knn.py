@@ -8,15 +8,16 @@ from common.train import autocast
 
 
 @torch.no_grad()
-def extract_features(encoder, loader, device, precision="fp32"):
-    """(N, D) L2-normalised features of `encoder` in eval mode and the (N,) labels."""
+def extract_features(encoder, loader, device, precision="fp32", normalize=True):
+    """(N, D) outputs of `encoder` in eval mode (L2-normalised features, or as they are when not
+    `normalize`: a classifier's logits) and the (N,) labels."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     for x, y in loader:
         with autocast(precision, device):
             f = encoder(x.to(device, non_blocking=True))
-        feats.append(F.normalize(f.float(), dim=1))
+        feats.append(F.normalize(f.float(), dim=1) if normalize else f.float())
         labels.append(y.to(device))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -15,11 +15,6 @@ from common.device_views import BatchViews
 from common.errors import UserError
 
 
-def decode(img) -> torch.Tensor:
-    """The loader's only transform: a PIL image as uint8 (3, H, W)."""
-    return pil_to_tensor(img)
-
-
 def collate_images(batch):
     """[(uint8 (3, H_i, W_i), label)] -> uint8 (B, 3, H, W) zero-padded to the largest image,
     sizes (B, 2) as (H_i, W_i), labels (B,)."""
@@ -153,7 +148,7 @@ def pretrain_loader(args, info, views: list, d, with_boxes: bool = False):
     BatchViews makes the views on the device; --augment pil: MultiView makes them with PIL in
     the workers. Both executors read the same View definitions."""
     on_device = args.augment == "device"
-    transform = decode if on_device else MultiView(views, with_boxes)
+    transform = pil_to_tensor if on_device else MultiView(views, with_boxes)
     ds = load_split(info, args.data_dir, "pretrain", transform, args.seed, args.dev)
     collate, workers = (collate_images if on_device else None), args.num_workers
     arrays = array_images(ds) if on_device else None

@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
+from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from common.augment import MultiView  # noqa: E402
 from common.backbone import resnet  # noqa: E402
 from common.data import dataset_info  # noqa: E402
-from common.loaders import ArrayImages, array_images, decode  # noqa: E402
+from common.loaders import ArrayImages, array_images  # noqa: E402
 from common.device_views import BatchViews  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
 from densecl.model import feature_map  # noqa: E402
@@ -60,7 +61,7 @@ class InMemory(torch.utils.data.Dataset):
 
     def __init__(self, n: int, transform):
         shapes = SyntheticShapes(n, 32, 0)
-        self.data = torch.stack([decode(shapes[i][0]) for i in range(n)]).permute(0, 2, 3, 1)
+        self.data = torch.stack([pil_to_tensor(shapes[i][0]) for i in range(n)]).permute(0, 2, 3, 1)
         self.data, self.targets = self.data.numpy(), shapes.targets
         self.transform = transform
 

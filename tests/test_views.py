@@ -186,7 +186,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         image = self.data[i] if hasattr(self, "targets") else self.data[i].transpose(1, 2, 0)
         label = self.targets[i] if hasattr(self, "targets") else int(self.labels[i])
-        return loaders.decode(Image.fromarray(image)), label
+        return TF.pil_to_tensor(Image.fromarray(image)), label
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
