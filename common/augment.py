@@ -99,12 +99,19 @@ class OneView(MultiView):
         return super().__call__(img)[0]
 
 
-def eval_transform(info):
-    """Deterministic transform for the kNN bank, the test split and finetune evaluation, from
-    a DataInfo: its test_resize (the shorter side before the centre crop: STL-10 70 -> 64,
-    ImageNet 256 -> 224) with its test_interpolation; without one, Resize + CenterCrop to the
-    image size is a no-op on images that already have that size."""
-    size = info.image_size
-    ops = [T.Resize(info.test_resize or size, INTERPOLATION[info.test_interpolation]),
-           T.CenterCrop(size)]
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(info.mean, info.std)])
+def eval_resize(cfg) -> tuple:
+    """(shorter side, interpolation) of the resize before the evaluation's centre crop, from a
+    run's resolved flags (recipe, image_size): the stl10 family 70 -> 64 bicubic (official MMCR
+    mmcr/cifar_stl/data.py), the imagenet family 256 -> 224 bilinear (the official MMCR,
+    DenseCL, MSN and solo-learn evaluations), else the image size itself."""
+    size = cfg.image_size
+    return {"stl10": (size * 70 // 64, "bicubic"),
+            "imagenet": (size * 256 // 224, "bilinear")}.get(cfg.recipe, (size, "bicubic"))
+
+
+def eval_transform(cfg):
+    """Deterministic transform for the kNN bank, the test split and finetune evaluation: resize
+    (eval_resize) and centre crop to the image size, a no-op on images of that size."""
+    resize, mode = eval_resize(cfg)
+    ops = [T.Resize(resize, INTERPOLATION[mode]), T.CenterCrop(cfg.image_size)]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])

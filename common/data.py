@@ -4,7 +4,6 @@ family of the data; image folders are read by common/folders.py.
 Splits: "pretrain" (STL-10: train+unlabeled; a flat image folder is accepted, unlabeled),
 "train" (labelled, the kNN bank and finetune set) and "test".
 """
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,17 +29,6 @@ DATASET_STATS = {"cifar10": CIFAR10, "cifar100": (32, (0.5071, 0.4865, 0.4409),
             "stl10": STL10, "synthetic": (32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
 FAMILY_STATS = {"cifar": CIFAR10, "stl10": STL10, "imagenet": IMAGENET}
 SYNTHETIC_IMAGES = (10_000, 2_000)  # train, test
-
-
-@dataclass
-class DataInfo:
-    name: str
-    image_size: int
-    mean: tuple
-    std: tuple
-    test_resize: int | None  # shorter side before the centre crop of the eval transform
-    test_interpolation: str  # of that resize
-    holdout: float = 0.2  # share of each class held out as the test split of a class-folder root
 
 
 def data_family(dataset: str, data_dir, image_size: int | None) -> str:
@@ -73,19 +61,6 @@ def pretrain_images(args) -> int:
         n = {"synthetic": SYNTHETIC_IMAGES[0], "cifar10": 50_000, "cifar100": 50_000,
              "stl10": 105_000}[args.dataset]
     return min(n, args.dev) if args.dev else n
-
-
-def dataset_info(cfg) -> DataInfo:
-    """Image size, normalisation and eval resize of a resolved configuration (pretraining args:
-    dataset, recipe, image_size, mean, std). The eval transform resizes the shorter side first
-    for the stl10 family (70 -> 64, bicubic: official MMCR mmcr/cifar_stl/data.py) and the
-    imagenet family (256 -> 224, bilinear: the official MMCR, DenseCL, MSN and solo-learn
-    evaluations)."""
-    size = cfg.image_size
-    resize, mode = {"stl10": (size * 70 // 64, "bicubic"),
-                    "imagenet": (size * 256 // 224, "bilinear")}.get(cfg.recipe, (None, "bicubic"))
-    return DataInfo(cfg.dataset, size, tuple(cfg.mean), tuple(cfg.std), resize, mode,
-                    getattr(cfg, "holdout", 0.2))
 
 
 def _torchvision(cls, root: Path, expected: str, **kwargs):
@@ -130,14 +105,15 @@ def targets(ds) -> list | None:
     return None if labels is None else list(labels)
 
 
-def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, dev: int = 0):
-    """The dataset of `split` with `transform`, or None if the data has no such labelled split.
-    `dev` > 0 keeps a fixed sample of `dev` images (a quarter of that for the test split)."""
-    root, name = Path(data_dir), info.name
+def load_split(cfg, data_dir, split: str, transform, seed: int = 0, dev: int = 0):
+    """The dataset of `split` with `transform`, or None if the data has no such labelled split;
+    `cfg`: a run's resolved flags (dataset, image_size, holdout). `dev` > 0 keeps a fixed sample
+    of `dev` images (a quarter of that for the test split)."""
+    root, name = Path(data_dir), cfg.dataset
     train = split != "test"
     if name == "synthetic":  # train and test draw from disjoint seeds
         n = SYNTHETIC_IMAGES[0] if train else SYNTHETIC_IMAGES[1]
-        ds = SyntheticShapes(n, info.image_size, seed * 2 + (not train), transform)
+        ds = SyntheticShapes(n, cfg.image_size, seed * 2 + (not train), transform)
     elif name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
@@ -147,7 +123,7 @@ def load_split(info: DataInfo, data_dir, split: str, transform, seed: int = 0, d
         ds = _torchvision(torchvision.datasets.STL10, root, "stl10_binary", split=stl_split,
                           transform=transform)
     else:
-        ds = imagefolder(root, split, transform, info.holdout)
+        ds = imagefolder(root, split, transform, getattr(cfg, "holdout", 0.2))
     if ds is not None and dev:
         ds = dev_sample(ds, dev if train else max(1, dev // 4))
     return ds

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from common import dist
 from common.augment import OneView, View, eval_transform
 from common.checkpoint import load_checkpoint, save_checkpoint
-from common.data import DATASETS, dataset_info, load_split, num_classes
+from common.data import DATASETS, load_split, num_classes
 from common.dist import gather_rows
 from common.errors import UserError
 from common.flags import Parser, add_machine_args, at_least, positive_float
@@ -79,17 +79,16 @@ def load_pretrained(path, method: str, build, prefix: str):
 
 
 def _data(args, pre_args, train_view):
-    """Train (train_view(DataInfo), else random-resized crops and flips) and test (eval
+    """Train (train_view(pretraining args), else random-resized crops and flips) and test (eval
     transform) splits, with the pretraining run's image size, normalisation and recipe."""
     cfg = SimpleNamespace(**{**pre_args, "dataset": args.dataset or pre_args["dataset"]})
-    info = dataset_info(cfg)
     data_dir = args.data_dir or pre_args["data_dir"]
     dev = pre_args.get("dev", 0) if args.dev is None else args.dev
-    view = train_view(info) if train_view else View(  # crop and flip, no colour ops
-        info.image_size, info.mean, info.std, jitter_p=0.0, gray_p=0.0,
+    view = train_view(cfg) if train_view else View(  # crop and flip, no colour ops
+        cfg.image_size, cfg.mean, cfg.std, jitter_p=0.0, gray_p=0.0,
         interpolation=args.crop_interpolation)
-    train = load_split(info, data_dir, "train", OneView(view), args.seed, dev)
-    test = load_split(info, data_dir, "test", eval_transform(info), args.seed, dev)
+    train = load_split(cfg, data_dir, "train", OneView(view), args.seed, dev)
+    test = load_split(cfg, data_dir, "test", eval_transform(cfg), args.seed, dev)
     if train is None or test is None or not num_classes(train):
         raise UserError(f"{cfg.dataset} at {data_dir} has no labelled train/ and val/ splits to "
                         "finetune on")
@@ -137,7 +136,8 @@ def run_finetune(args, backbone: nn.Module, feat_dim: int, pre_args: dict, head=
     """Train a classifier on `backbone` features (and the backbone for backbone+linear); logs
     top-1/top-5 on the test split every epoch, writes metrics.jsonl and last.pt. `head` maps
     the class count to the classifier (default: one Linear layer); `train_view` maps the
-    DataInfo to the View of the training images (default: crop and flip)."""
+    pretraining args (data flags as this finetune resolves them) to the View of the training
+    images (default: crop and flip)."""
     resolve_runtime(args)
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)

@@ -141,7 +141,7 @@ def to_device(batch, device):
     return type(batch)(to_device(b, device) for b in batch)
 
 
-def pretrain_loader(args, info, views: list, d, with_boxes: bool = False):
+def pretrain_loader(args, views: list, d, with_boxes: bool = False):
     """(loader, make_views) of a pretraining run: make_views(batch) -> (views, labels) on the
     device, views a list of V (B, C, s, s), or (that list, boxes (B, V, 5)) `with_boxes`.
     --augment device: the workers only decode (a dataset held as one array needs none) and
@@ -149,7 +149,7 @@ def pretrain_loader(args, info, views: list, d, with_boxes: bool = False):
     the workers. Both executors read the same View definitions."""
     on_device = args.augment == "device"
     transform = pil_to_tensor if on_device else MultiView(views, with_boxes)
-    ds = load_split(info, args.data_dir, "pretrain", transform, args.seed, args.dev)
+    ds = load_split(args, args.data_dir, "pretrain", transform, args.seed, args.dev)
     collate, workers = (collate_images if on_device else None), args.num_workers
     arrays = array_images(ds) if on_device else None
     if arrays is not None:  # nothing to decode: each batch is one index op, no workers
@@ -163,12 +163,12 @@ def pretrain_loader(args, info, views: list, d, with_boxes: bool = False):
     return loader, lambda batch: to_device(batch, d.device)  # the workers made the views
 
 
-def knn_loaders(args, info, d):
+def knn_loaders(args, d):
     """(bank loader, test loader, class count) of the kNN monitor: the labelled train split
     and the test split with the eval transform; None when the data has no labelled splits."""
-    test_tf = eval_transform(info)
-    bank = load_split(info, args.data_dir, "train", test_tf, args.seed, args.dev)
-    test = load_split(info, args.data_dir, "test", test_tf, args.seed, args.dev)
+    test_tf = eval_transform(args)
+    bank = load_split(args, args.data_dir, "train", test_tf, args.seed, args.dev)
+    test = load_split(args, args.data_dir, "test", test_tf, args.seed, args.dev)
     if bank is None or test is None or not num_classes(bank):
         dist.print0("kNN monitor off: the data has no labelled train/ and val/ splits")
         return None

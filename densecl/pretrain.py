@@ -16,7 +16,7 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
-from common.data import dataset_info, pretrain_images
+from common.data import pretrain_images
 from common.errors import run_main
 from common.flags import (FromRecipe, Parser, add_common_args, apply_recipe, at_least, describe_run,
                           learning_rate_rule, parse, positive_float, resolve_learning_rate)
@@ -108,10 +108,10 @@ def check_sizes(p, args, images: int) -> None:
                 f"{images} ({args.batch_size} x {images // args.batch_size} processes)")
 
 
-def pretrain_views(args, info) -> list:
+def pretrain_views(args) -> list:
     """Two MoCo-v2 views (official DenseCL pipeline); Gaussian blur only for the imagenet recipe
     (none at 32 px, as lightly's CIFAR benchmarks)."""
-    view = View(info.image_size, info.mean, info.std, scale=(0.2, 1.0),
+    view = View(args.image_size, args.mean, args.std, scale=(0.2, 1.0),
                 blur_p=0.5 if args.recipe == "imagenet" else 0.0)
     return [view, view]
 
@@ -140,12 +140,11 @@ def main(argv=None):
     args = get_args(argv)
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
-    info = dataset_info(args)
 
     # ---- data: B images x 2 views (+ their crop boxes) per process and step; kNN splits
-    loader, make_views = pretrain_loader(args, info, pretrain_views(args, info), d,
+    loader, make_views = pretrain_loader(args, pretrain_views(args), d,
                                          with_boxes=True)
-    knn = KnnMonitor(knn_loaders(args, info, d), args.num_neighbours, args.temperature,
+    knn = KnnMonitor(knn_loaders(args, d), args.num_neighbours, args.temperature,
                      args.eval_every, args.max_epochs, d, args.precision)
 
     # ---- model, optimizer: SGD on the online backbone + neck only

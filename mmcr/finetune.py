@@ -6,7 +6,6 @@
 """
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from the repo root
 
@@ -31,7 +30,7 @@ def main(argv=None):
     backbone, width, pre = load_pretrained(args.checkpoint, "mmcr", resnet_of, "backbone.")
     view = None
     if args.train_views == "pretrain":
-        view = lambda info: pretrain_views(SimpleNamespace(**pre), info)[0]  # noqa: E731
+        view = lambda cfg: pretrain_views(cfg)[0]  # noqa: E731
     return run_finetune(args, backbone, width, pre, train_view=view)
 
 

@@ -16,7 +16,6 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
-from common.data import dataset_info
 from common.errors import run_main
 from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
                           describe_run, learning_rate_rule, parse, positive_float,
@@ -94,11 +93,11 @@ def get_args(argv=None):
     return args
 
 
-def pretrain_views(args, info) -> list:
+def pretrain_views(args) -> list:
     """Independent random views: the official CIFAR recipe (mmcr/cifar_stl/data.py); STL-10 with
     colour before the crop; the imagenet recipe alternates the two Barlow Twins view types
     (mmcr/imagenet/data.py)."""
-    size, norm = info.image_size, (info.mean, info.std)
+    size, norm = args.image_size, (args.mean, args.std)
     if args.recipe == "stl10":
         return [View(size, *norm, scale=(0.2, 1.0), gray_p=0.1, colour_first=True,
                      interpolation="bicubic")] * args.num_views
@@ -136,11 +135,10 @@ def main(argv=None):
     args = get_args(argv)
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
-    info = dataset_info(args)
 
     # ---- data: B images x V views per process and step; the kNN monitor's splits
-    loader, make_views = pretrain_loader(args, info, pretrain_views(args, info), d)
-    knn = KnnMonitor(knn_loaders(args, info, d), args.num_neighbours, args.temperature,
+    loader, make_views = pretrain_loader(args, pretrain_views(args), d)
+    knn = KnnMonitor(knn_loaders(args, d), args.num_neighbours, args.temperature,
                      args.eval_every, args.max_epochs, d, args.precision)
 
     # ---- model, optimizer

@@ -17,7 +17,6 @@ import torch
 
 from common import dist
 from common.augment import View
-from common.data import dataset_info
 from common.errors import run_main
 from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
                           describe_run, parse, positive_float)
@@ -112,15 +111,15 @@ def check(p, args) -> None:
             p.error(f"--{name.replace('_', '-')} must satisfy 0 < min <= max <= 1")
 
 
-def pretrain_views(args, info) -> list:
+def pretrain_views(args) -> list:
     """[target, masked anchor, F focal] as official (src/data_manager.py): colour jitter (0.8 s,
     0.8 s, 0.8 s, 0.2 s) p 0.8, gray 0.2, flip; blur p 0.5 only for the imagenet recipe (none
     at small sizes, as lightly's CIFAR benchmarks). Target and anchor are two independent crops
     of the same recipe."""
-    norm, s = (info.mean, info.std), args.color_jitter
+    norm, s = (args.mean, args.std), args.color_jitter
     colour = dict(jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
                   blur_p=0.5 if args.recipe == "imagenet" else 0.0)
-    rand = View(info.image_size, *norm, scale=tuple(args.rand_scale), **colour)
+    rand = View(args.image_size, *norm, scale=tuple(args.rand_scale), **colour)
     focal = View(args.focal_size, *norm, scale=tuple(args.focal_scale), **colour)
     return [rand, rand] + [focal] * args.focal_views
 
@@ -178,11 +177,10 @@ def main(argv=None):
     args = get_args(argv)
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
-    info = dataset_info(args)
 
     # ---- data: per image 1 target + 1 anchor at --image-size and F focal crops; kNN splits
-    loader, make_views = pretrain_loader(args, info, pretrain_views(args, info), d)
-    knn = KnnMonitor(knn_loaders(args, info, d), args.num_neighbours, args.temperature,
+    loader, make_views = pretrain_loader(args, pretrain_views(args), d)
+    knn = KnnMonitor(knn_loaders(args, d), args.num_neighbours, args.temperature,
                      args.eval_every, args.max_epochs, d, args.precision)
 
     # ---- model, optimizer

@@ -15,7 +15,7 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
-from common.data import dataset_info, pretrain_images
+from common.data import pretrain_images
 from common.errors import run_main
 from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
                           describe_run, learning_rate_rule, parse, positive_float,
@@ -99,14 +99,14 @@ def support_set_limit(args, images: int) -> tuple:
         "of the run, at least an epoch)"
 
 
-def pretrain_views(args, info) -> list:
+def pretrain_views(args) -> list:
     """Two asymmetric views (solo-learn asymmetric.yaml): crop (0.08, 1), bicubic, jitter
     (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, flip; solarise only view 2 (0.0 / 0.2); blur 1.0 / 0.1
     only for the imagenet recipe (solo-learn's ImageNet-100; none at 32-64 px)."""
     big = args.recipe == "imagenet"
     kw = dict(jitter=(0.4, 0.4, 0.2, 0.1), interpolation="bicubic")
-    return [View(info.image_size, info.mean, info.std, blur_p=1.0 if big else 0.0, **kw),
-            View(info.image_size, info.mean, info.std, blur_p=0.1 if big else 0.0,
+    return [View(args.image_size, args.mean, args.std, blur_p=1.0 if big else 0.0, **kw),
+            View(args.image_size, args.mean, args.std, blur_p=0.1 if big else 0.0,
                  solarize_p=0.2, **kw)]
 
 
@@ -133,16 +133,15 @@ def main(argv=None):
     args = get_args(argv)
     d = dist.setup(args.device, args.dist_timeout)
     tune_process(args, d.rank)
-    info = dataset_info(args)
 
     # ---- data: B images x 2 asymmetric views per process and step; the kNN monitor's splits
-    loader, make_views = pretrain_loader(args, info, pretrain_views(args, info), d)
-    knn_splits = knn_loaders(args, info, d)
+    loader, make_views = pretrain_loader(args, pretrain_views(args), d)
+    knn_splits = knn_loaders(args, d)
     knn = KnnMonitor(knn_splits, args.num_neighbours, args.temperature, args.eval_every,
                      args.max_epochs, d, args.precision)
     # NN accuracy needs every pretraining image labelled: not STL-10's train+unlabeled split,
     # not a flat image folder (no kNN splits either)
-    nn_accuracy = knn_splits is not None and info.name != "stl10"
+    nn_accuracy = knn_splits is not None and args.dataset != "stl10"
 
     # ---- model, optimizer
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

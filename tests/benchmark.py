@@ -34,7 +34,6 @@ from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
 from common.augment import MultiView  # noqa: E402
 from common.backbone import resnet  # noqa: E402
-from common.data import dataset_info  # noqa: E402
 from common.loaders import ArrayImages, array_images  # noqa: E402
 from common.device_views import BatchViews  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
@@ -97,7 +96,7 @@ def views_per_s(module, flags, augment: str, count: int, device) -> float:
     three timed runs after one untimed batch (worker start): PIL views in the workers, or, as
     pretrain.py does, batches sliced from the array and BatchViews on `device`."""
     args = module.get_args([*flags, "--augment", augment])
-    views, boxes = module.pretrain_views(args, dataset_info(args)), with_boxes(module)
+    views, boxes = module.pretrain_views(args), with_boxes(module)
     per_batch = args.batch_size * len(views)
     batches = -(-count // (3 * per_batch))
     ds = InMemory(args.batch_size * (3 * batches + 1), MultiView(views, boxes))
@@ -122,7 +121,7 @@ def views_in_memory_per_s(module, flags, count: int, device) -> float:
     """Views per second of BatchViews alone, on one batch already on `device`: the view making
     without the loader."""
     args = module.get_args([*flags, "--augment", "device"])
-    views = module.pretrain_views(args, dataset_info(args))
+    views = module.pretrain_views(args)
     images, sizes, _ = array_images(InMemory(args.batch_size, None)).__getitems__(
         range(args.batch_size))
     images, make = images.to(device), BatchViews(views, with_boxes(module), device)
@@ -136,7 +135,7 @@ def views_in_memory_per_s(module, flags, count: int, device) -> float:
 def describe_views(module, flags) -> str:
     """'B x V views' of the method's views under `flags`."""
     args = module.get_args(flags)
-    return f"{args.batch_size} x {len(module.pretrain_views(args, dataset_info(args)))}"
+    return f"{args.batch_size} x {len(module.pretrain_views(args))}"
 
 
 def ours_images_per_s(module, flags, steps: int, warmup: int, device) -> float:

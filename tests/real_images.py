@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common.augment import eval_transform  # noqa: E402
-from common.data import dataset_info, load_split
+from common.data import load_split
 from common.loaders import eval_loader  # noqa: E402
 from common.dist import Dist  # noqa: E402
 from common.knn import accuracy, extract_features, knn_classify  # noqa: E402
@@ -69,10 +69,10 @@ def evaluate(build, run: Path, split: Path) -> dict:
     """kNN top-1 of the trained backbone, the untrained one (built by `build` from the run's
     args) and raw pixels."""
     pre = json.loads((run / "args.json").read_text())
-    info = dataset_info(SimpleNamespace(**pre))
-    tf = eval_transform(info)
+    cfg = SimpleNamespace(**pre)
+    tf = eval_transform(cfg)
     cpu = Dist(0, 0, 1, torch.device("cpu"), True)
-    bank, test = (eval_loader(load_split(info, split, s, tf), 256, 0, cpu)
+    bank, test = (eval_loader(load_split(cfg, split, s, tf), 256, 0, cpu)
                   for s in ("train", "test"))
     classes = len(bank.dataset.classes)
     result = {"raw pixels": knn_top1(*pixels(bank), *pixels(test), classes)}

@@ -133,13 +133,12 @@ def test_pretrain_then_finetune_end_to_end(tmp_path, capsys):
 ])
 def test_probe_on_the_pretraining_views_uses_the_official_probe_transform(dataset, expected,
                                                                          monkeypatch):
-    from common.data import dataset_info
     pre = vars(pretrain.get_args(["--dataset", dataset]))
     monkeypatch.setattr(finetune, "load_pretrained", lambda *a: (None, 8, pre))
     seen = {}
     monkeypatch.setattr(finetune, "run_finetune", lambda *a, train_view: seen.update(v=train_view))
     finetune.main(["--checkpoint", "x.pt", "--train-views", "pretrain"])
-    view = seen["v"](dataset_info(pretrain.get_args(["--dataset", dataset])))
+    view = seen["v"](pretrain.get_args(["--dataset", dataset]))
     assert {k: getattr(view, k) for k in expected} == expected
     finetune.main(["--checkpoint", "x.pt"])
     assert seen["v"] is None  # the default: random resized crops and flips

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.data import dataset_info
 from common.lars import LARS
 from common.errors import run_main
 from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed,
@@ -107,11 +106,11 @@ def test_views_are_asymmetric():
     # solo-learn asymmetric.yaml: jitter (0.4, 0.4, 0.2, 0.1), solarisation 0 / 0.2; blur
     # 1.0 / 0.1 only for ImageNet sizes
     args = pretrain.get_args(["--dataset", "synthetic"])
-    small = pretrain.pretrain_views(args, dataset_info(args))
+    small = pretrain.pretrain_views(args)
     assert [v.solarize_p for v in small] == [0.0, 0.2] and [v.blur_p for v in small] == [0, 0]
     assert small[0].jitter == (0.4, 0.4, 0.2, 0.1) and small[0].interpolation == "bicubic"
     args = pretrain.get_args(["--dataset", "synthetic", "--recipe", "imagenet"])
-    big = pretrain.pretrain_views(args, dataset_info(args))
+    big = pretrain.pretrain_views(args)
     assert [v.blur_p for v in big] == [1.0, 0.1]
 
 

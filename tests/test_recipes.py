@@ -3,7 +3,7 @@ sources (cited per method), not read from the code under test."""
 import pytest
 from PIL import Image
 
-from common.data import dataset_info
+from common.augment import eval_resize
 from densecl import pretrain as densecl
 from helpers import read_metrics, resolved, use_tiny_cnn
 from mmcr import pretrain as mmcr
@@ -44,9 +44,9 @@ def test_a_32px_folder_gets_the_cifar_views_normalisation_and_stem(method, small
     assert args.recipe == "cifar" and args.image_size == 32
     assert (args.mean, args.std) == CIFAR10
     assert getattr(args, "stem", "cifar") == "cifar" and getattr(args, "patch_size", 4) == 4
-    views = method.pretrain_views(args, dataset_info(args))
+    views = method.pretrain_views(args)
     assert views[0].size == 32 and set(blur_probabilities(views)) == {0.0}
-    assert dataset_info(args).test_resize is None  # 32 px images are used as they are
+    assert eval_resize(args)[0] == 32  # 32 px images are used as they are
 
 
 @pytest.mark.parametrize("method, expected, blur", [
@@ -81,9 +81,8 @@ def test_an_imagenet_size_folder_gets_the_official_imagenet_values(method, expec
     assert (args.mean, args.std) == IMAGENET
     assert getattr(args, "stem", "imagenet") == "imagenet"
     assert {k: getattr(args, k) for k in expected} == expected
-    assert blur_probabilities(method.pretrain_views(args, dataset_info(args))) == blur
-    assert (dataset_info(args).test_resize, dataset_info(args).test_interpolation) == \
-        (256, "bilinear")
+    assert blur_probabilities(method.pretrain_views(args)) == blur
+    assert eval_resize(args) == (256, "bilinear")
 
 
 @pytest.mark.parametrize("method, expected, view", [
@@ -127,7 +126,7 @@ def test_the_cifar_recipe_has_the_values_of_its_sources(method, expected, view):
     args = method.get_args(["--dataset", "cifar10"])
     assert args.recipe == "cifar"
     assert resolved(args, expected), {k: getattr(args, k) for k in expected}
-    first = method.pretrain_views(args, dataset_info(args))[0]
+    first = method.pretrain_views(args)[0]
     assert {k: getattr(first, k) for k in view} == view
 
 
@@ -135,12 +134,11 @@ def test_the_stl10_recipe_has_the_official_mmcr_views():
     # ThomasYerxa/mmcr fafd3a9 mmcr/cifar_stl/data.py StlBatchTransform: colour jitter and
     # grayscale 0.1 before a bicubic crop of scale 0.2-1 to 64 px; eval: resize 70 bicubic
     args = mmcr.get_args(["--dataset", "stl10"])
-    views = mmcr.pretrain_views(args, dataset_info(args))
+    views = mmcr.pretrain_views(args)
     assert len(views) == 16 and set(views) == {views[0]}
     assert (views[0].size, views[0].scale, views[0].gray_p, views[0].colour_first,
             views[0].interpolation) == (64, (0.2, 1.0), 0.1, True, "bicubic")
-    info = dataset_info(args)
-    assert (info.test_resize, info.test_interpolation) == (70, "bicubic")
+    assert eval_resize(args) == (70, "bicubic")
 
 
 def test_explicit_flags_win(large):

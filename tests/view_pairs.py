@@ -79,8 +79,7 @@ def main():
     files = sorted(f for f in Path(args.data_dir).rglob("*") if is_image(f.name))
     images = [Image.open(f).convert("RGB") for f in random.sample(files, args.images)]
     size, mean, std = FAMILY_STATS["cifar"]
-    views = pretrain_views(SimpleNamespace(recipe="cifar"),
-                           SimpleNamespace(image_size=size, mean=mean, std=std))
+    views = pretrain_views(SimpleNamespace(recipe="cifar", image_size=size, mean=mean, std=std))
     by_pil, by_device = pairs(images, views, args.draws)
     net = resnet("resnet18", "cifar", size).eval()  # untrained: a fixed random feature map
     ours, ref = statistics(*by_device, net), statistics(*by_pil, net)
