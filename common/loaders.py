@@ -5,7 +5,7 @@ import itertools
 import signal
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
 from common import dist
@@ -55,7 +55,7 @@ def array_images(ds) -> ArrayImages | None:
     """ds, or the dataset under --dev's Subset, as ArrayImages where it keeps its images in a
     uint8 array `data` (CIFAR: N x H x W x 3, STL-10: N x 3 x H x W); else None."""
     indices = None
-    if isinstance(ds, torch.utils.data.Subset):
+    if isinstance(ds, Subset):
         ds, indices = ds.dataset, list(ds.indices)
     data = getattr(ds, "data", None)
     if str(getattr(data, "dtype", "")) != "uint8" or data.ndim != 4 or 3 not in data.shape[1::2]:
@@ -94,20 +94,6 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.skip
 
 
-class ShardSampler(torch.utils.data.Sampler):
-    """Rank r of W takes items r, r + W, r + 2W, ... in order: evaluation splits sharded
-    without the padding (repeated items) of DistributedSampler."""
-
-    def __init__(self, n: int, rank: int, world: int):
-        self.indices = range(rank, n, world)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
 def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn=None,
                  persistent: bool = False) -> DataLoader:
     """Shuffled, drop_last loader over this process's shard (its sampler: loader.sampler, a
@@ -128,10 +114,12 @@ def train_loader(ds, batch_size: int, num_workers: int, d, seed: int, collate_fn
 
 
 def eval_loader(ds, batch_size: int, num_workers: int, d) -> DataLoader:
-    """Ordered loader over this rank's shard (kNN bank, test split)."""
-    return DataLoader(ds, batch_size, sampler=ShardSampler(len(ds), d.rank, d.world_size),
-                      num_workers=num_workers, pin_memory=d.device.type == "cuda",
-                      worker_init_fn=ignore_run_signals)
+    """Ordered loader over this rank's shard of an evaluation split (kNN bank, test split):
+    items r, r + W, r + 2W, ... of rank r of W, without the padding (repeated items) of
+    DistributedSampler."""
+    shard = Subset(ds, range(d.rank, len(ds), d.world_size))
+    return DataLoader(shard, batch_size, num_workers=num_workers,
+                      pin_memory=d.device.type == "cuda", worker_init_fn=ignore_run_signals)
 
 
 def to_device(batch, device):

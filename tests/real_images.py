@@ -74,7 +74,7 @@ def evaluate(build, run: Path, split: Path) -> dict:
     cpu = Dist(0, 0, 1, torch.device("cpu"), True)
     bank, test = (eval_loader(load_split(cfg, split, s, tf), 256, 0, cpu)
                   for s in ("train", "test"))
-    classes = len(bank.dataset.classes)
+    classes = len(bank.dataset.dataset.classes)
     result = {"raw pixels": knn_top1(*pixels(bank), *pixels(test), classes)}
     torch.manual_seed(pre["seed"])
     untrained, _ = build(pre)
