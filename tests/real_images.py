@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from common.augment import eval_transform  # noqa: E402
 from common.data import load_split
 from common.loaders import eval_loader  # noqa: E402
+from common.backbone import resnet_of  # noqa: E402
 from common.dist import Dist  # noqa: E402
 from common.knn import accuracy, extract_features, knn_classify  # noqa: E402
 
@@ -63,6 +64,14 @@ def knn_top1(train_f, train_y, test_f, test_y, classes: int) -> dict:
 def pixels(loader):
     feats, labels = zip(*[(x.flatten(1), y) for x, y in loader])
     return F.normalize(torch.cat(feats), dim=1), torch.cat(labels)
+
+
+def backbone_builder(method: str):
+    """What `method`'s finetune.py builds its backbone with from a run's args, returning (module,
+    width): MSN's ViT, else the ResNet trunk of common/backbone.py."""
+    if method == "msn":
+        return importlib.import_module("msn.finetune").build_backbone
+    return resnet_of
 
 
 def evaluate(build, run: Path, split: Path) -> dict:
@@ -97,7 +106,7 @@ def main():
                    "--output-dir instead of pretraining")
     p.add_argument("flags", nargs="*", help="pretrain.py flags, after --")
     bench = p.parse_args()
-    build = importlib.import_module(f"{bench.method}.finetune").build_backbone  # before training
+    build = backbone_builder(bench.method)  # before training: a wrong name fails at once
     run = bench.output_dir or ROOT / "runs" / "real-images" / \
         f"{bench.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory() as tmp:

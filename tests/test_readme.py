@@ -5,6 +5,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from helpers import resolved
@@ -45,6 +46,31 @@ def test_readme_command_parses(script, argv, photo_folder):
     else:  # a finetune.py with flags of its own has get_args
         from common.finetune import finetune_args
         getattr(module, "get_args", finetune_args("").parse_args)(argv)
+
+
+def real_image_commands():
+    """(method, pretrain.py flags) of each `python tests/real_images.py` line in README."""
+    for line in re.findall(r"^python tests/real_images.py .*$", README.read_text(), flags=re.M):
+        words = shlex.split(line)
+        yield words[words.index("--method") + 1], words[words.index("--") + 1:]
+
+
+def test_readme_shows_a_real_image_command_per_method():
+    assert sorted(m for m, _ in real_image_commands()) == ["densecl", "mmcr", "msn", "nnclr"]
+
+
+@pytest.mark.parametrize("method, flags", list(real_image_commands()))
+def test_readme_real_image_command_parses_and_builds_its_backbone(method, flags, tmp_path):
+    # as tests/real_images.py runs it: the flags on a 32 px image folder, then the untrained
+    # backbone built from the run's args
+    import real_images
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / split / "a" / "0.png")
+    args = importlib.import_module(f"{method}.pretrain").get_args(
+        ["--dataset", "imagefolder", "--data-dir", str(tmp_path), *flags])
+    net, width = real_images.backbone_builder(method)(vars(args))
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, width)
 
 
 def test_readme_shows_every_method():
