@@ -78,10 +78,11 @@ def kill_and_resume(method: str, flags: list, out: Path, kills: int = 3, seed: i
                    check=True, capture_output=True)
     total = torch.load(out / "straight" / "last.pt", weights_only=True)["step"]
     # a kill loses the steps since the last checkpoint: the interval, the step it was in and
-    # the checkpoint being written (up to half a second on 2 busy cores)
+    # the checkpoint being written (up to a second on 2 cores busy with the step and 2 workers:
+    # 0.96 s seen once in CI, above an earlier half-second allowance)
     rate = min(json.loads(line)["images_per_s"] for line in
                (out / "straight" / "metrics.jsonl").read_text().splitlines())
-    most = EVERY + 2 * int(FLAGS[FLAGS.index("--batch-size") + 1]) / rate + 0.5
+    most = EVERY + 2 * int(FLAGS[FLAGS.index("--batch-size") + 1]) / rate + 1.0
     run, rng, made = out / "run", random.Random(seed), 0
     while True:
         started = time.time()
