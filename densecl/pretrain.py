@@ -142,8 +142,7 @@ def main(argv=None):
     tune_process(args, d.rank)
 
     # ---- data: B images x 2 views (+ their crop boxes) per process and step; kNN splits
-    loader, make_views = pretrain_loader(args, pretrain_views(args), d,
-                                         with_boxes=True)
+    loader, make_views = pretrain_loader(args, pretrain_views(args), d, with_boxes=True)
     knn = KnnMonitor(knn_loaders(args, d), args.num_neighbours, args.temperature,
                      args.eval_every, args.max_epochs, d, args.precision)
 

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common.augment import eval_transform  # noqa: E402
-from common.data import load_split
+from common.data import load_split, num_classes
 from common.loaders import eval_loader  # noqa: E402
 from common.backbone import resnet_of  # noqa: E402
 from common.dist import Dist  # noqa: E402
@@ -83,7 +83,7 @@ def evaluate(build, run: Path, split: Path) -> dict:
     cpu = Dist(0, 0, 1, torch.device("cpu"), True)
     bank, test = (eval_loader(load_split(cfg, split, s, tf), 256, 0, cpu)
                   for s in ("train", "test"))
-    classes = len(bank.dataset.dataset.classes)
+    classes = num_classes(bank.dataset)
     result = {"raw pixels": knn_top1(*pixels(bank), *pixels(test), classes)}
     torch.manual_seed(pre["seed"])
     untrained, _ = build(pre)
