@@ -21,7 +21,6 @@ from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_rec
                           describe_run, learning_rate_rule, parse, positive_float,
                           resolve_learning_rate)
 from common.knn import KnnMonitor
-from common.lars import LARS
 from common.loaders import knn_loaders, pretrain_loader
 from common.progress import Progress
 from common.runtime import resolve_runtime, tune_process
@@ -124,11 +123,36 @@ def train_step(net, model, x, optimizer, scaler, lr, args) -> dict:
     return {"loss": loss.detach(), **logs, "lr": lr}
 
 
+class LARS(torch.optim.Optimizer):
+    """LARS as the official ImageNet code (mmcr/imagenet/misc.py, Barlow Twins' form): a weight
+    matrix (ndim > 1) steps with d = (g + wd w) eta ||w|| / ||g + wd w||, a 1-D parameter (bias,
+    norm weight) with its plain gradient, no weight decay; then v = 0.9 v + d, w = w - lr v.
+    A zero ||w|| or ||g + wd w|| leaves d unscaled."""
+
+    def __init__(self, params, lr: float, weight_decay: float, eta: float):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad
+                if w.ndim > 1:
+                    d = d + group["weight_decay"] * w
+                    w_norm, d_norm = w.norm(), d.norm()
+                    trust = group["eta"] * w_norm / d_norm
+                    d = torch.where((w_norm > 0) & (d_norm > 0), d * trust, d)
+                buf = self.state[w].setdefault("momentum_buffer", torch.zeros_like(w))
+                w.add_(buf.mul_(0.9).add_(d), alpha=-group["lr"])
+
+
 def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adam":
         return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay)
-    return LARS(params, args.learning_rate, args.weight_decay, args.lars_eta, clip=False)
+    return LARS(params, args.learning_rate, args.weight_decay, args.lars_eta)
 
 
 def main(argv=None):

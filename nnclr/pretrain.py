@@ -21,7 +21,6 @@ from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_rec
                           describe_run, learning_rate_rule, parse, positive_float,
                           resolve_learning_rate)
 from common.knn import KnnMonitor
-from common.lars import LARS
 from common.loaders import knn_loaders, pretrain_loader
 from common.momentum import cap_queue
 from common.progress import Progress
@@ -108,6 +107,33 @@ def pretrain_views(args) -> list:
     return [View(args.image_size, args.mean, args.std, blur_p=1.0 if big else 0.0, **kw),
             View(args.image_size, args.mean, args.std, blur_p=0.1 if big else 0.0,
                  solarize_p=0.2, **kw)]
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as solo-learn (solo/utils/lars.py, clip_lr and exclude_bias_n_norm on): a weight
+    matrix (ndim > 1) steps with d = (g + wd w) min(1, eta ||w|| / (||g|| + wd ||w|| + eps) / lr),
+    a 1-D parameter (bias, norm weight) with its plain gradient, no weight decay; then
+    v = 0.9 v + d, w = w - lr v. A zero ||w|| or ||g|| leaves d = g."""
+
+    def __init__(self, params, lr: float, weight_decay: float, eta: float = 0.02,
+                 eps: float = 1e-8):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eta=eta, eps=eps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                d = w.grad
+                if w.ndim > 1:
+                    w_norm, g_norm = w.norm(), d.norm()
+                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    scaled = (d + wd * w) * torch.clamp(trust / lr, max=1.0)
+                    d = torch.where((w_norm > 0) & (g_norm > 0), scaled, d)
+                buf = self.state[w].setdefault("momentum_buffer", torch.zeros_like(w))
+                w.add_(buf.mul_(0.9).add_(d), alpha=-lr)
 
 
 def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) -> dict:

@@ -13,7 +13,6 @@ from PIL import Image
 from common import dist
 from common.augment import MultiView, View, pil_colour, pil_view
 from common.knn import accuracy, knn_classify
-from common.lars import LARS
 from common.synthetic import SyntheticShapes
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.errors import UserError
@@ -58,44 +57,6 @@ def test_warmup_cosine_known_points():
     assert warmup_cosine(10, 100, 10, 1.0) == pytest.approx(1.0)
     assert warmup_cosine(55, 100, 10, 1.0) == pytest.approx(0.5)  # half-way through the cosine
     assert warmup_cosine(100, 100, 10, 1.0, final=0.1) == pytest.approx(0.1)
-
-
-def test_lars_solo_learn_form_two_steps_by_hand():
-    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
-    b = torch.nn.Parameter(torch.tensor([1.0, -2.0]))  # 1-D: no decay, no scaling
-    idle = torch.nn.Parameter(torch.tensor([[1.0, 1.0]]))  # zero gradient: d = g = 0
-    opt = LARS([w, b, idle], lr=0.5, weight_decay=0.1, eta=0.02)
-    for p, grad in ((w, [[0.6, 0.8]]), (b, [0.5, 0.5]), (idle, [[0.0, 0.0]])):
-        p.grad = torch.tensor(grad)  # ||g_w|| = 1
-    opt.step()
-    # trust = 0.02 * 5 / (1 + 0.1 * 5) = 1/15; / lr 0.5 -> 2/15 < 1, so no clipping
-    d1 = [(0.6 + 0.3) * 2 / 15, (0.8 + 0.4) * 2 / 15]  # = [0.12, 0.16]
-    torch.testing.assert_close(w, torch.tensor([[3 - 0.5 * d1[0], 4 - 0.5 * d1[1]]]))
-    torch.testing.assert_close(b, torch.tensor([0.75, -2.25]))
-    torch.testing.assert_close(idle, torch.tensor([[1.0, 1.0]]))
-    opt.step()  # same gradients; ||w|| = 4.9 now; momentum 0.9 on the first d
-    scale = 0.02 * 4.9 / (1 + 0.1 * 4.9) / 0.5
-    w1 = [3 - 0.5 * d1[0], 4 - 0.5 * d1[1]]
-    v2 = [0.9 * d1[k] + (g + 0.1 * w1[k]) * scale for k, g in enumerate((0.6, 0.8))]
-    torch.testing.assert_close(w, torch.tensor([[w1[0] - 0.5 * v2[0], w1[1] - 0.5 * v2[1]]]))
-    torch.testing.assert_close(b, torch.tensor([0.75 - 0.5 * 1.9 * 0.5, -2.25 - 0.5 * 1.9 * 0.5]))
-
-
-def test_lars_clips_to_the_global_lr():
-    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
-    w.grad = torch.tensor([[0.6, 0.8]])
-    LARS([w], lr=0.01, weight_decay=0.1, eta=0.02).step()  # trust / lr = 6.7 -> clipped to 1
-    torch.testing.assert_close(w, torch.tensor([[3 - 0.01 * 0.9, 4 - 0.01 * 1.2]]))
-
-
-def test_lars_barlow_form_by_hand():
-    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
-    b = torch.nn.Parameter(torch.tensor([1.0, -2.0]))  # 1-D: no decay, no scaling
-    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5, 0.5])
-    LARS([w, b], lr=2.0, weight_decay=0.1, eta=0.001, clip=False).step()
-    # g + wd w = [0.9, 1.2], norm 1.5; trust = 0.001 * 5 / 1.5 = 1 / 300; no clipping
-    torch.testing.assert_close(w, torch.tensor([[3 - 2 * 0.9 / 300, 4 - 2 * 1.2 / 300]]))
-    torch.testing.assert_close(b, torch.tensor([0.0, -3.0]))
 
 
 def _image():

@@ -175,6 +175,16 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, capsys):
     assert not (tmp_path / "r" / "last.pt").exists()
 
 
+def test_lars_of_the_official_imagenet_code_by_hand():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -2.0]))  # 1-D: no decay, no scaling
+    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5, 0.5])
+    pretrain.LARS([w, b], lr=2.0, weight_decay=0.1, eta=0.001).step()
+    # g + wd w = [0.9, 1.2], norm 1.5; trust = 0.001 * 5 / 1.5 = 1 / 300; no clipping
+    torch.testing.assert_close(w, torch.tensor([[3 - 2 * 0.9 / 300, 4 - 2 * 1.2 / 300]]))
+    torch.testing.assert_close(b, torch.tensor([0.0, -3.0]))
+
+
 def test_cli_error_is_one_line(capsys):
     assert fails(pretrain.main, ["--num-views", "1"], capsys, "--num-views") == \
         "error: argument --num-views: must be at least 2 (got 1) (see --help)"

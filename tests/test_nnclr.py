@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from common import dist
-from common.lars import LARS
 from common.errors import run_main
 from helpers import (load_into_torchvision_resnet18, read_metrics, run_distributed,
                      straight_and_resumed, use_tiny_cnn)
 from nnclr import model as nnclr_model
 from nnclr import finetune, pretrain
 from nnclr.model import NNCLR, nnclr_loss
-from nnclr.pretrain import train_step
+from nnclr.pretrain import LARS, train_step
 
 HEADS = ["--hidden-dim", "32", "--projection-dim", "16", "--pred-hidden-dim", "32"]
 TINY = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--num-workers", "0",
@@ -37,6 +36,34 @@ def naive_nnclr(nb, p, tau):
             s = [float(q @ pk.double()) / float(pk.double().norm()) / tau for pk in p[b]]
             total += -s[i] + math.log(sum(math.exp(v) for v in s))
     return total / (2 * nb.shape[1])
+
+
+def test_lars_of_solo_learn_two_steps_by_hand():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0, -2.0]))  # 1-D: no decay, no scaling
+    idle = torch.nn.Parameter(torch.tensor([[1.0, 1.0]]))  # zero gradient: d = g = 0
+    opt = LARS([w, b, idle], lr=0.5, weight_decay=0.1, eta=0.02)
+    for p, grad in ((w, [[0.6, 0.8]]), (b, [0.5, 0.5]), (idle, [[0.0, 0.0]])):
+        p.grad = torch.tensor(grad)  # ||g_w|| = 1
+    opt.step()
+    # trust = 0.02 * 5 / (1 + 0.1 * 5) = 1/15; / lr 0.5 -> 2/15 < 1, so no clipping
+    d1 = [(0.6 + 0.3) * 2 / 15, (0.8 + 0.4) * 2 / 15]  # = [0.12, 0.16]
+    torch.testing.assert_close(w, torch.tensor([[3 - 0.5 * d1[0], 4 - 0.5 * d1[1]]]))
+    torch.testing.assert_close(b, torch.tensor([0.75, -2.25]))
+    torch.testing.assert_close(idle, torch.tensor([[1.0, 1.0]]))
+    opt.step()  # same gradients; ||w|| = 4.9 now; momentum 0.9 on the first d
+    scale = 0.02 * 4.9 / (1 + 0.1 * 4.9) / 0.5
+    w1 = [3 - 0.5 * d1[0], 4 - 0.5 * d1[1]]
+    v2 = [0.9 * d1[k] + (g + 0.1 * w1[k]) * scale for k, g in enumerate((0.6, 0.8))]
+    torch.testing.assert_close(w, torch.tensor([[w1[0] - 0.5 * v2[0], w1[1] - 0.5 * v2[1]]]))
+    torch.testing.assert_close(b, torch.tensor([0.75 - 0.5 * 1.9 * 0.5, -2.25 - 0.5 * 1.9 * 0.5]))
+
+
+def test_lars_clips_to_the_global_lr():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    w.grad = torch.tensor([[0.6, 0.8]])
+    LARS([w], lr=0.01, weight_decay=0.1, eta=0.02).step()  # trust / lr = 6.7 -> clipped to 1
+    torch.testing.assert_close(w, torch.tensor([[3 - 0.01 * 0.9, 4 - 0.01 * 1.2]]))
 
 
 def test_loss_matches_naive_loop():
