@@ -39,8 +39,8 @@ def must_exist(root: Path) -> None:
 
 def first_image_size(root: Path) -> int:
     """Shorter side of the first readable image below `root` (sorted walk, train/ before val/);
-    files with an image extension that do not open as images are passed over with a warning
-    each, and a folder without any readable image is one error line."""
+    files that do not open as images are passed over here (the loader warns of each when it
+    meets it), and a folder without any readable image is one error line."""
     must_exist(root)
     unreadable = []
     for folder, subfolders, files in os.walk(root):
@@ -48,14 +48,9 @@ def first_image_size(root: Path) -> int:
         for name in sorted(f for f in files if is_image(f)):
             try:
                 with Image.open(Path(folder, name)) as img:
-                    size = min(img.size)
+                    return min(img.size)
             except (OSError, SyntaxError, ValueError):  # PIL's errors, as SkipUnreadable's
                 unreadable.append(Path(folder, name))
-                continue
-            for i, path in enumerate(unreadable, 1):
-                print(f"warning: skipping unreadable image {path}; {i} unreadable so far",
-                      file=sys.stderr, flush=True)
-            return size
     example = f" ({len(unreadable)} files that are not images, e.g. {unreadable[0]})" \
         if unreadable else ""
     raise UserError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) found under "

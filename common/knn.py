@@ -43,13 +43,6 @@ def vote(sims, labels, temperature: float, num_classes: int):
     return votes.scatter_add_(1, labels, (sims / temperature).exp())
 
 
-@torch.no_grad()
-def knn_classify(train_f, train_y, test_f, k: int, temperature: float, num_classes: int,
-                 chunk: int = 256):
-    """Class scores (M, num_classes) of each test feature over its k nearest training ones."""
-    return vote(*nearest(test_f, train_f, train_y, k, chunk), temperature, num_classes)
-
-
 def accuracy(scores, labels, k: int = 200):
     """Top-1 and top-5 accuracy in percent; top-5 only when k >= 5 and there are >= 5 classes
     (with fewer neighbours, later ranks are empty votes, so top-5 would be inflated)."""

@@ -35,7 +35,7 @@ from common.data import load_split, num_classes
 from common.loaders import eval_loader  # noqa: E402
 from common.backbone import resnet_of  # noqa: E402
 from common.dist import Dist  # noqa: E402
-from common.knn import accuracy, extract_features, knn_classify  # noqa: E402
+from common.knn import accuracy, extract_features, nearest, vote  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-5k"
 
@@ -57,8 +57,8 @@ def make_split(source: Path, dest: Path, every: int = 1) -> tuple[int, int]:
 
 def knn_top1(train_f, train_y, test_f, test_y, classes: int) -> dict:
     """kNN top-1 (percent) at k 20 and 200, T 0.1, on L2-normalised features."""
-    return {k: accuracy(knn_classify(train_f, train_y, test_f, k, 0.1, classes), test_y, k)["top1"]
-            for k in (20, 200)}
+    return {k: accuracy(vote(*nearest(test_f, train_f, train_y, k), 0.1, classes), test_y,
+                        k)["top1"] for k in (20, 200)}
 
 
 def pixels(loader):

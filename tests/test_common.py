@@ -12,7 +12,7 @@ from PIL import Image
 
 from common import dist
 from common.augment import MultiView, View, pil_colour, pil_view
-from common.knn import accuracy, knn_classify
+from common.knn import accuracy, nearest, vote
 from common.synthetic import SyntheticShapes
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.errors import UserError
@@ -25,7 +25,7 @@ def test_knn_hand_checked_example():
     bank = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0]]), dim=1)
     labels = torch.tensor([0, 0, 1])
     query = torch.tensor([[0.0, 1.0]])  # cos = 0, 0.196, 1 to the three bank points
-    scores = knn_classify(bank, labels, query, k=2, temperature=0.5, num_classes=3)
+    scores = vote(*nearest(query, bank, labels, k=2), temperature=0.5, num_classes=3)
     # top-2 neighbours: bank[2] (cos 1, class 1) and bank[1] (cos 0.2/sqrt(1.04), class 0)
     expected = torch.tensor([[math.exp(0.2 / math.sqrt(1.04) / 0.5), math.exp(2.0), 0.0]])
     torch.testing.assert_close(scores, expected)
@@ -37,7 +37,8 @@ def test_knn_matches_naive_loop_across_chunks():
     bank = F.normalize(torch.randn(50, 8, generator=g), dim=1)
     labels = torch.randint(0, 4, (50,), generator=g)
     queries = F.normalize(torch.randn(7, 8, generator=g), dim=1)
-    scores = knn_classify(bank, labels, queries, k=5, temperature=0.1, num_classes=4, chunk=3)
+    scores = vote(*nearest(queries, bank, labels, k=5, chunk=3), temperature=0.1,
+                  num_classes=4)
     for i, q in enumerate(queries):
         sims = sorted(((float(q @ b), int(y)) for b, y in zip(bank, labels)), reverse=True)[:5]
         naive = [sum(math.exp(s / 0.1) for s, y in sims if y == c) for c in range(4)]
