@@ -256,17 +256,14 @@ class BatchViews:
         sizes = sizes.repeat(k, 1)  # (k*B, 2)
         top, left, h, w = crop_params(sizes, view.scale)
         flip = torch.rand(sizes.shape[0]) < 0.5
-        if view.colour_first:  # colour on the whole (unpadded part of the) image, then crop
-            x = x.repeat(k, 1, 1, 1)
+        if view.colour_first:  # colour on the whole (unpadded part of the) image of each
+            x = x.repeat(k, 1, 1, 1)  # view, then crop: one crop per image of (k*B, ...)
             rows = torch.arange(x.shape[2])[None, :, None] < sizes[:, :1, None]
             cols = torch.arange(x.shape[3])[None, None, :] < sizes[:, 1:, None]
             x = colour(x, view, to((rows & cols)[:, None].float(), x.device), chances)
-            v = torch.cat([resized_crop(x[j * b:(j + 1) * b], *(t[j * b:(j + 1) * b] for t in
-                                        (top, left, h, w, flip)), view.size,
-                                        view.interpolation) for j in range(k)])
-        else:
-            v = colour(resized_crop(x, top, left, h, w, flip, view.size,
-                                    view.interpolation), view, chances=chances)
+        v = resized_crop(x, top, left, h, w, flip, view.size, view.interpolation)
+        if not view.colour_first:
+            v = colour(v, view, chances=chances)
         mean, std = (v.new_tensor(s)[:, None, None] for s in (view.mean, view.std))
         img_h, img_w = sizes.float().unbind(1)
         box = torch.stack([top / img_h, left / img_w, h / img_h, w / img_w, flip.float()], 1)

@@ -215,3 +215,27 @@ def test_padded_images_of_different_sizes():
     assert (boxes[:, 0, 0] + boxes[:, 0, 2] <= 1 + 1e-6).all()
     assert (boxes[:, 0, 1] + boxes[:, 0, 3] <= 1 + 1e-6).all()
     assert out[1].abs().sum() > 0 and out.shape == (2, 3, 8, 8)
+
+
+def test_colour_before_the_crop_acts_on_each_whole_image(monkeypatch):
+    # colour_first (MMCR's STL-10 views): the colour ops see the whole image, padding left out
+    # (contrast blends towards the mean of the image's own pixels), then the crop is resized
+    torch.manual_seed(0)
+    images = [(torch.rand(3, 20, 30) * 255).byte(), (torch.rand(3, 36, 12) * 255).byte()]
+    batch = loaders.collate_images([(img, 0) for img in images])
+    monkeypatch.setattr(dv, "jitter_params", lambda n, strength, p: (  # contrast 0.5, then no-ops
+        torch.ones(n, dtype=torch.bool), torch.tensor([1.0, 0.5, 1.0, 0.0]).expand(n, 4),
+        torch.tensor([1, 0, 2, 3]).expand(n, 4)))
+    view = View(12, MEAN, STD, jitter_p=1.0, gray_p=0.0, solarize_p=1.0, colour_first=True)
+    (views, boxes), _ = dv.BatchViews([view, view], with_boxes=True)(batch)
+    for j, out in enumerate(views):
+        for i, img in enumerate(images):
+            x = img.float()[None] / 255
+            h, w = img.shape[1:]
+            box = (boxes[i, j, :4] * torch.tensor([h, w, h, w])).round()[:, None]
+            flip = boxes[i, j, 4:].bool()
+            crop = lambda y: dv.resized_crop(y, *box, flip, 12)  # noqa: E731
+            expected = crop(dv.solarize(TF.adjust_contrast(x, 0.5)))
+            torch.testing.assert_close(out[i:i + 1], expected, atol=2e-6, rtol=0)
+            after = dv.solarize(TF.adjust_contrast(crop(x), 0.5))  # colour after the crop
+            assert float((after - expected).abs().max()) > 0.05
