@@ -127,7 +127,7 @@ class LARS(torch.optim.Optimizer):
     """LARS as the official ImageNet code (mmcr/imagenet/misc.py, Barlow Twins' form): a weight
     matrix (ndim > 1) steps with d = (g + wd w) eta ||w|| / ||g + wd w||, a 1-D parameter (bias,
     norm weight) with its plain gradient, no weight decay; then v = 0.9 v + d, w = w - lr v.
-    A zero ||w|| or ||g + wd w|| leaves d unscaled."""
+    A zero ||w|| or ||g + wd w|| leaves g + wd w unscaled."""
 
     def __init__(self, params, lr: float, weight_decay: float, eta: float):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eta=eta))
@@ -144,7 +144,10 @@ class LARS(torch.optim.Optimizer):
                     w_norm, d_norm = w.norm(), d.norm()
                     trust = group["eta"] * w_norm / d_norm
                     d = torch.where((w_norm > 0) & (d_norm > 0), d * trust, d)
-                buf = self.state[w].setdefault("momentum_buffer", torch.zeros_like(w))
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w)
+                buf = state["momentum_buffer"]
                 w.add_(buf.mul_(0.9).add_(d), alpha=-group["lr"])
 
 

@@ -132,7 +132,10 @@ class LARS(torch.optim.Optimizer):
                     trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
                     scaled = (d + wd * w) * torch.clamp(trust / lr, max=1.0)
                     d = torch.where((w_norm > 0) & (g_norm > 0), scaled, d)
-                buf = self.state[w].setdefault("momentum_buffer", torch.zeros_like(w))
+                state = self.state[w]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(w)
+                buf = state["momentum_buffer"]
                 w.add_(buf.mul_(0.9).add_(d), alpha=-lr)
 
 
