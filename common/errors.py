@@ -1,5 +1,6 @@
-"""How a script ends: bad input is one line and exit code 2, a non-finite loss or the device's
-memory running out exit code 1, a preemption signal (after its checkpoint) exit code 75."""
+"""How a script ends: bad input is one line and exit code 2; a non-finite loss, memory running
+out (the device's, or a DataLoader worker's) or a failed peer exit code 1; a preemption signal
+(after its checkpoint) exit code 75."""
 import sys
 
 import torch
@@ -21,8 +22,9 @@ class Preempted(Exception):
 
 
 def run_main(main, argv=None) -> None:
-    """Run a script's main(argv), turning UserError, NonFiniteLoss, an out-of-memory error and
-    Preempted into one line and an exit code (2, 1, 1, 75)."""
+    """Run a script's main(argv), turning UserError, NonFiniteLoss, an out-of-memory error, a
+    dead DataLoader worker, a failed peer and Preempted into one line and an exit code (2, 1,
+    1, 1, 1, 75)."""
     try:
         main(argv)
     except UserError as e:
@@ -41,6 +43,11 @@ def run_main(main, argv=None) -> None:
               flush=True)
         sys.exit(1)
     except RuntimeError as e:
+        if "DataLoader worker (pid" in str(e):  # killed: bus error (/dev/shm full), OOM killer
+            print(f"error: {str(e).splitlines()[0][:120]}: lower --num-workers or --batch-size, "
+                  "or give the machine more shared memory (/dev/shm; docker run --shm-size 8g); "
+                  "continue with --resume auto", file=sys.stderr, flush=True)
+            sys.exit(1)
         if not peer_failure(e):
             raise
         print(f"error: another rank failed or stopped answering ({str(e).splitlines()[0][-160:]}"

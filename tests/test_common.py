@@ -1,6 +1,8 @@
 """Tests of common/: kNN, schedule, views, synthetic data, checkpoints, collectives."""
 import math
+import os
 import resource
+import signal
 import subprocess
 import sys
 
@@ -231,3 +233,42 @@ def test_running_out_of_device_memory_is_one_line_with_what_to_lower(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 1 and len(err) == 1, err
     assert "Tried to allocate 2.00 GiB" in err[0] and "--batch-size" in err[0]
+
+
+class BusError(torch.utils.data.Dataset):
+    """A dataset whose worker dies as one does when /dev/shm is full (SIGBUS)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        os.kill(os.getpid(), signal.SIGBUS)
+
+
+def test_a_dataloader_worker_killed_by_a_bus_error_is_one_line(capsys):
+    from common.errors import run_main
+
+    def main(argv):
+        list(torch.utils.data.DataLoader(BusError(), num_workers=1))
+    with pytest.raises(SystemExit) as e:
+        run_main(main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 1 and len(err) == 1, err
+    assert "DataLoader worker" in err[0] and "--num-workers" in err[0] and "shm" in err[0]
+
+
+class Failing(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        raise RuntimeError("a bug in the dataset")
+
+
+def test_an_error_raised_in_a_dataloader_worker_keeps_its_traceback():
+    from common.errors import run_main
+
+    def main(argv):
+        list(torch.utils.data.DataLoader(Failing(), num_workers=1))
+    with pytest.raises(RuntimeError, match="a bug in the dataset"):
+        run_main(main)
