@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from common.errors import UserError
+
 
 @dataclass
 class Dist:
@@ -30,6 +32,9 @@ def setup(device: str = "auto", timeout_minutes: float = 10) -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
         return Dist(0, 0, 1, torch.device(device), True)
+    if "LOCAL_RANK" not in os.environ:
+        raise UserError("RANK is set but LOCAL_RANK is not: start distributed runs with torchrun "
+                        "(or set LOCAL_RANK, the process's GPU on its machine, yourself)")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device == "cuda":
         torch.cuda.set_device(local_rank)  # before init_process_group, as the torchrun tutorial

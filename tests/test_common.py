@@ -19,7 +19,7 @@ from common.synthetic import SyntheticShapes
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.errors import UserError
 from common.train import warmup_cosine
-from helpers import ROOT, run_distributed
+from helpers import ROOT, fails, run_distributed
 
 
 def test_knn_hand_checked_example():
@@ -234,6 +234,12 @@ def test_running_out_of_device_memory_is_one_line_with_what_to_lower(capsys):
     assert e.value.code == 1 and len(err) == 1, err
     assert "Tried to allocate 2.00 GiB" in err[0] and "--batch-size" in err[0]
 
+
+
+def test_a_distributed_launch_without_local_rank_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")  # as a hand-made launch that sets RANK only
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    fails(lambda argv: dist.setup("cpu"), [], capsys, "LOCAL_RANK is not")
 
 class BusError(torch.utils.data.Dataset):
     """A dataset whose worker dies as one does when /dev/shm is full (SIGBUS)."""
