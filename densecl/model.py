@@ -18,7 +18,8 @@ from common.momentum import enqueue, update_ema
 
 
 def feature_map(net: nn.Module, x):
-    """The last (C5) feature map (B, C, H/stride, W/stride) of a common.backbone.resnet() trunk, before pooling."""
+    """The last (C5) feature map (B, C, H/stride, W/stride) of a common.backbone.resnet() trunk,
+    before pooling."""
     x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
     return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
