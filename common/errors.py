@@ -28,31 +28,30 @@ def run_main(main, argv=None) -> None:
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        stop(f"error: {e}", 2)
     except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        stop(f"error: {e}", 1)
     except Preempted as e:
-        print(f"stopped: {e}", file=sys.stderr, flush=True)
-        sys.exit(PREEMPTED)
+        stop(f"stopped: {e}", PREEMPTED)
     except torch.OutOfMemoryError as e:
-        print(f"error: the device ran out of memory ({str(e).splitlines()[0][:120]}): lower "
-              "--batch-size (images per process) or the number or size of the views, or use "
-              "--precision bf16; the last checkpoint, if any, is untouched", file=sys.stderr,
-              flush=True)
-        sys.exit(1)
+        stop(f"error: the device ran out of memory ({str(e).splitlines()[0][:120]}): lower "
+             "--batch-size (images per process) or the number or size of the views, or use "
+             "--precision bf16; the last checkpoint, if any, is untouched", 1)
     except RuntimeError as e:
         if "DataLoader worker (pid" in str(e):  # killed: bus error (/dev/shm full), OOM killer
-            print(f"error: {str(e).splitlines()[0][:120]}: lower --num-workers or --batch-size, "
-                  "or give the machine more shared memory (/dev/shm; docker run --shm-size 8g); "
-                  "continue with --resume auto", file=sys.stderr, flush=True)
-            sys.exit(1)
+            stop(f"error: {str(e).splitlines()[0][:120]}: lower --num-workers or --batch-size, "
+                 "or give the machine more shared memory (/dev/shm; docker run --shm-size 8g); "
+                 "continue with --resume auto", 1)
         if not peer_failure(e):
             raise
-        print(f"error: another rank failed or stopped answering ({str(e).splitlines()[0][-160:]}"
-              "); its own error is above", file=sys.stderr, flush=True)
-        sys.exit(1)
+        stop(f"error: another rank failed or stopped answering ({str(e).splitlines()[0][-160:]}"
+             "); its own error is above", 1)
+
+
+def stop(line: str, code: int) -> None:
+    """`line` on stderr, then exit with `code`."""
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def peer_failure(e: Exception) -> bool:
