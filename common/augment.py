@@ -1,16 +1,11 @@
-"""Views, defined once: a View holds the settings of one random view, and two executors read
-it. MultiView (here) makes views of one PIL image in the DataLoader workers, the reference
-(--augment pil); common/device_views.py makes them for a whole batch on the training device
-(--augment device, the default). A new view option is one field here plus its op in each.
-
-Every random draw goes through torch's RNG, which DataLoader seeds differently in each worker
-and each epoch, so the views of one image differ from each other, across workers and epochs.
-"""
+"""Views, defined once: a View holds the settings of one random view. common/device_views.py
+makes the views of a pretraining batch on the training device; view_transform (here) is the same
+View as a torchvision pipeline of one PIL image, for finetune's training images, and
+tests/pil_views.py makes pretraining views with it as the reference the device views are tested
+against. Also the deterministic evaluation transform."""
 from dataclasses import dataclass
 
-import torch
 import torchvision.transforms as T
-import torchvision.transforms.functional as F
 
 INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 BLUR_SIGMA = (0.1, 2.0)  # Gaussian blur sigma ~ U(0.1, 2.0), as BYOL and MoCo v2
@@ -44,74 +39,43 @@ class View:
         return self.size // 20 * 2 + 1
 
 
-def pil_colour(view: View) -> T.Compose:
-    """The colour ops of `view` as torchvision transforms of a PIL image."""
-    ops = [T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p),
-           T.RandomGrayscale(view.gray_p)]
+def colour_transforms(view: View) -> list:
+    """The colour ops of `view` as torchvision transforms of a PIL image (those with a chance)."""
+    ops = []
+    if view.jitter_p > 0:
+        ops.append(T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p))
+    if view.gray_p > 0:
+        ops.append(T.RandomGrayscale(view.gray_p))
     if view.blur_p > 0:
         ops.append(T.RandomApply([T.GaussianBlur(view.blur_kernel, BLUR_SIGMA)], view.blur_p))
     if view.solarize_p > 0:  # PIL uint8 image: threshold 128 is the usual "> half"
         ops.append(T.RandomSolarize(128, p=view.solarize_p))
-    return T.Compose(ops)
+    return ops
 
 
-def pil_view(view: View, colour: T.Compose, img):
-    """One view of the PIL image `img`: (tensor (C, size, size), box), box = (top, left,
-    height, width, flipped) in pixels of `img`; `colour` is pil_colour(view)."""
-    if view.colour_first:
-        img = colour(img)
-    top, left, h, w = T.RandomResizedCrop.get_params(img, view.scale, (3 / 4, 4 / 3))
-    img = F.resized_crop(img, top, left, h, w, [view.size, view.size],
-                         INTERPOLATION[view.interpolation])
-    flipped = bool(torch.rand(1) < 0.5)
-    if flipped:
-        img = F.hflip(img)
-    if not view.colour_first:
-        img = colour(img)
-    return F.normalize(F.to_tensor(img), view.mean, view.std), (top, left, h, w, flipped)
+def view_transform(view: View) -> T.Compose:
+    """`view` as a torchvision pipeline of one PIL image -> tensor (C, size, size): finetune's
+    training images, one view each (the pretraining runs make theirs on the device)."""
+    crop = [T.RandomResizedCrop(view.size, view.scale, interpolation=INTERPOLATION[
+        view.interpolation]), T.RandomHorizontalFlip()]
+    colour = colour_transforms(view)
+    ops = colour + crop if view.colour_first else crop + colour
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(view.mean, view.std)])
 
 
-class MultiView:
-    """The PIL executor: each View of `views` applied to the same image. Returns a list of V
-    tensors, or (list, boxes (V, 5)) with `with_boxes`, boxes as fractions of the image."""
-
-    def __init__(self, views: list, with_boxes: bool = False):
-        self.views, self.with_boxes = list(views), with_boxes
-        self.colours = [pil_colour(view) for view in self.views]
-
-    def __call__(self, img):
-        width, height = img.size
-        out = [pil_view(view, colour, img) for view, colour in zip(self.views, self.colours)]
-        tensors = [t for t, _ in out]
-        if not self.with_boxes:
-            return tensors
-        scale = torch.tensor([height, width, height, width, 1.0])
-        return tensors, torch.tensor([box for _, box in out], dtype=torch.float32) / scale
-
-
-class OneView(MultiView):
-    """One View as a dataset transform, PIL image -> tensor: finetune's training views."""
-
-    def __init__(self, view: View):
-        super().__init__([view])
-
-    def __call__(self, img):
-        return super().__call__(img)[0]
-
-
-def eval_resize(cfg) -> tuple:
+def eval_resize(args) -> tuple:
     """(shorter side, interpolation) of the resize before the evaluation's centre crop, from a
-    run's resolved flags (recipe, image_size): the stl10 family 70 -> 64 bicubic (official MMCR
-    mmcr/cifar_stl/data.py), the imagenet family 256 -> 224 bilinear (the official MMCR,
-    DenseCL, MSN and solo-learn evaluations), else the image size itself."""
-    size = cfg.image_size
+    pretraining run's resolved flags (recipe, image_size): the stl10 family 70 -> 64 bicubic
+    (official MMCR mmcr/cifar_stl/data.py), the imagenet family 256 -> 224 bilinear (the
+    official MMCR, DenseCL, MSN and solo-learn evaluations), else the image size itself."""
+    size = args.image_size
     return {"stl10": (size * 70 // 64, "bicubic"),
-            "imagenet": (size * 256 // 224, "bilinear")}.get(cfg.recipe, (size, "bicubic"))
+            "imagenet": (size * 256 // 224, "bilinear")}.get(args.recipe, (size, "bicubic"))
 
 
-def eval_transform(cfg):
+def eval_transform(args):
     """Deterministic transform for the kNN bank, the test split and finetune evaluation: resize
     (eval_resize) and centre crop to the image size, a no-op on images of that size."""
-    resize, mode = eval_resize(cfg)
-    ops = [T.Resize(resize, INTERPOLATION[mode]), T.CenterCrop(cfg.image_size)]
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    resize, mode = eval_resize(args)
+    ops = [T.Resize(resize, INTERPOLATION[mode]), T.CenterCrop(args.image_size)]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(args.mean, args.std)])

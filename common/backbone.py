@@ -5,16 +5,16 @@ import torch.nn as nn
 import torchvision
 
 from common.errors import UserError
-from common.flags import FromRecipe
+from common.flags import by_recipe
 
 FEATURE_DIM = {"resnet18": 512, "resnet50": 2048}
 
 
 def add_resnet_args(parser, recipes: dict) -> None:
     """--backbone (a recipe flag), --stem and --channels-last, shared by the ResNet methods."""
-    parser.add_argument("--backbone", choices=sorted(FEATURE_DIM),
-                        default=FromRecipe(recipes, "backbone"),
-                        help="torchvision ResNet trunk (fc removed)")
+    parser.add_argument("--backbone", choices=sorted(FEATURE_DIM), default=argparse.SUPPRESS,
+                        help="torchvision ResNet trunk (fc removed) "
+                        f"{by_recipe(recipes, 'backbone')}")
     parser.add_argument("--stem", default="auto", choices=["auto", "cifar", "imagenet"],
                         help="cifar: 3x3 stride-1 conv, no maxpool (stride 8); imagenet: 7x7 "
                              "stride-2 conv + maxpool (stride 32); auto: the recipe's (imagenet "
@@ -47,7 +47,8 @@ def resnet(arch: str, stem: str, image_size: int, zero_init_residual: bool = Fal
     return net
 
 
-def resnet_of(pre: dict):
-    """The untrained ResNet trunk of a pretraining run whose args are `pre` (backbone, stem,
+def resnet_of(pretrain_args):
+    """The untrained ResNet trunk of a pretraining run (its resolved flags: backbone, stem,
     image size), and its feature width: what a finetune.py loads the checkpoint into."""
-    return resnet(pre["backbone"], pre["stem"], pre["image_size"]), FEATURE_DIM[pre["backbone"]]
+    a = pretrain_args
+    return resnet(a.backbone, a.stem, a.image_size), FEATURE_DIM[a.backbone]

@@ -1,7 +1,8 @@
-"""Checkpoints: the run directory, atomic writes, checked loads, every rank's RNG state, and
-restoring a run (--resume PATH|auto) at an epoch boundary or part-way through an epoch."""
+"""Checkpoints: the run directory, atomic writes, checked loads, and the files of a run that
+resume depends on (last.pt with every rank's RNG state; backbone.pt, best.pt, epochNNNN.pt)."""
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -13,40 +14,8 @@ from common.errors import UserError
 
 # flags that may change when a run is resumed; any other difference is refused
 RESUMABLE = {"resume", "num_workers", "eval_every", "log_every", "save_every", "compile",
-             "output_dir", "data_dir", "device", "explicit", "threads", "checkpoint_every",
-             "max_epochs", "dist_timeout"}
-RENAMED = {"momentum_tau": "ema"}  # flags renamed since: a checkpoint's args read the new way
-
-
-def rng_state(loader_generator=None) -> dict:
-    """This process's RNG state (python, torch CPU, CUDA, the train loader's generator) in
-    weights_only-loadable types."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if loader_generator is not None:
-        state["loader"] = loader_generator.get_state()
-    return state
-
-
-def all_rank_states(loader_generator, part: dict) -> list:
-    """Every rank's RNG state and `part` (its own running sums), in rank order (a collective),
-    so a resumed run continues each rank exactly."""
-    state = {"rng": rng_state(loader_generator), **part}
-    if not dist.is_initialized():
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(state: dict, loader_generator=None) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "loader" in state and loader_generator is not None:
-        loader_generator.set_state(state["loader"])
+             "output_dir", "device", "explicit", "threads", "checkpoint_every", "max_epochs",
+             "dist_timeout"}
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -69,7 +38,8 @@ def load_checkpoint(path, method: str) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated file, not a torch file, unsafe pickle
         raise UserError(f"checkpoint {path} is corrupt or not a checkpoint of this repository "
-                        f"({type(e).__name__}); use another one, e.g. an epochNNNN.pt") from None
+                        f"({type(e).__name__}); resume from another with --resume PATH (an "
+                        "epochNNNN.pt of --save-every) or start a new --output-dir") from None
     if not isinstance(ckpt, dict) or ckpt.get("method") != method:
         found = ckpt.get("method", "unknown") if isinstance(ckpt, dict) else "unknown"
         raise UserError(f"checkpoint {path} comes from '{found}' pretraining, not '{method}'")
@@ -99,32 +69,112 @@ def resume_path(args):
     return None
 
 
-def restore(ckpt_path, method, args, model, optimizer, scaler, d, loader_generator) -> dict:
-    """Load a checkpoint into model/optimizer/scaler/RNG; refuse an incompatible one. A longer
-    --max-epochs extends the run: every schedule is a function of (step, total steps), so the
-    cosine is recomputed for the new length from the step reached (printed)."""
-    ckpt = load_checkpoint(ckpt_path, method)
-    if "optimizer" not in ckpt:
-        raise UserError(f"{ckpt_path} holds weights only (a best.pt): resume from last.pt")
-    saved = {RENAMED.get(k, k): v for k, v in ckpt["args"].items()}
-    changed = [f"--{k.replace('_', '-')}: the checkpoint has {v}, this command {vars(args)[k]}"
-               for k, v in sorted(saved.items())
-               if k not in RESUMABLE and vars(args).get(k, v) != v]
-    if changed or ckpt["world_size"] != d.world_size:
-        what = changed or [f"world size {ckpt['world_size']} -> {d.world_size}"]
-        raise UserError(f"cannot resume {ckpt_path}: it was trained with other settings "
-                        f"({'; '.join(what)}); use the original flags or a new --output-dir")
-    if args.max_epochs < ckpt["epoch"] + (ckpt.get("batch", 0) > 0):
-        raise UserError(f"cannot resume {ckpt_path} with --max-epochs {args.max_epochs}: it "
-                        f"has already trained {ckpt['epoch']} epochs")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if scaler is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["ranks"][d.rank].pop("rng"), loader_generator)
-    old = ckpt["args"]["max_epochs"]
-    extended = f"; extended from {old} to {args.max_epochs} epochs, the schedules recomputed " \
-        "for the new length" if old != args.max_epochs else ""
-    print0(f"resumed {ckpt_path} at epoch {ckpt['epoch']}, batch {ckpt.get('batch', 0)}, "
-           f"step {ckpt['step']}{extended}")
-    return ckpt
+def rng_state(loader_generator) -> dict:
+    """This process's RNG state (python, torch CPU, CUDA, the train loader's generator) in
+    weights_only-loadable types."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "loader": loader_generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, loader_generator) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    loader_generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def all_ranks(state: dict) -> list:
+    """Every rank's `state`, in rank order (a collective)."""
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+class Checkpoint:
+    """The files of a run: last.pt (model, optimizer, scaler, the position: epoch, batch of it
+    done, global step; the flags; every rank's RNG state and meter), written atomically by rank
+    0 at every epoch end, every --checkpoint-every minutes and on a preemption signal; at epoch
+    ends also backbone.pt (weights of `backbone`), best.pt (weights at the best kNN top-1) and
+    epochNNNN.pt (--save-every). `method` names the checkpoints, so that finetune and resume
+    refuse another method's."""
+
+    def __init__(self, method, args, d, model, backbone, optimizer, scaler, loader_generator):
+        self.method, self.args, self.d, self.out_dir = method, args, d, Path(args.output_dir)
+        self.model, self.backbone, self.optimizer, self.scaler = model, backbone, optimizer, scaler
+        self.generator, self.best_top1 = loader_generator, -1.0
+
+    def resume(self, meter) -> tuple:
+        """(epoch, batch, step) to start from: where last.pt stopped, with the model,
+        optimizer, scaler, this rank's RNG and meter restored and a line saying so; (0, 0, 0)
+        for a new run. A checkpoint of other settings is refused before anything is written; a
+        longer --max-epochs extends the run (every schedule is a function of the step and the
+        run's length, so the cosine is recomputed for the new length from the step reached)."""
+        if not self.args.resume:
+            return 0, 0, 0
+        path, args, d = self.args.resume, self.args, self.d
+        ckpt = load_checkpoint(path, self.method)
+        if "optimizer" not in ckpt:
+            raise UserError(f"{path} holds weights only (a best.pt): resume from last.pt")
+        changed = [f"--{k.replace('_', '-')}: the checkpoint has {v}, this command "
+                   f"{vars(args)[k]}" for k, v in sorted(ckpt["args"].items())
+                   if k not in RESUMABLE and vars(args).get(k, v) != v]
+        if changed or ckpt["world_size"] != d.world_size:
+            what = changed or [f"world size {ckpt['world_size']} -> {d.world_size}"]
+            raise UserError(f"cannot resume {path}: it was trained with other settings "
+                            f"({'; '.join(what)}); use the original flags or a new --output-dir")
+        epoch, batch, step = ckpt["epoch"], ckpt["batch"], ckpt["step"]
+        if args.max_epochs < epoch + (batch > 0):
+            raise UserError(f"cannot resume {path} with --max-epochs {args.max_epochs}: it "
+                            f"has already trained {epoch} epochs")
+        if epoch == args.max_epochs:
+            print0(f"{path} has finished all {epoch} epochs: nothing to do (a larger "
+                   "--max-epochs extends it)")
+            return epoch, batch, step
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        mine = ckpt["ranks"][d.rank]
+        set_rng_state(mine["rng"], self.generator)
+        meter.load(mine.get("meter"))  # None in a last.pt of an older version
+        self.best_top1 = ckpt["best_top1"]
+        old = ckpt["args"]["max_epochs"]
+        extended = f"; extended from {old} to {args.max_epochs} epochs, the schedules " \
+            "recomputed for the new length" if old != args.max_epochs else ""
+        print0(f"resumed {path} at step {step} (epoch {epoch + 1}, batch {batch}){extended}")
+        return epoch, batch, step
+
+    def save(self, epoch: int, batch: int, step: int, meter, knn: dict | None = None) -> None:
+        """last.pt at this position (a collective: every rank's RNG state and meter), after the
+        meter's check that no step since the last one went non-finite. With the epoch's `knn`
+        results (at an epoch's end, epoch = epochs finished) also backbone.pt, best.pt and
+        epochNNNN.pt, each written atomically."""
+        meter.check()
+        ranks = all_ranks({"rng": rng_state(self.generator), "meter": meter.state()})
+        epoch_end = knn is not None
+        top1 = (knn or {}).get("knn_top1", -1.0)
+        is_best = epoch_end and top1 >= max(self.best_top1, 0)
+        self.best_top1 = max(self.best_top1, top1)
+        if not self.d.is_main:
+            return
+        state = {"method": self.method, "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "epoch": epoch, "batch": batch, "step": step, "best_top1": self.best_top1,
+                 "args": vars(self.args), "world_size": self.d.world_size, "ranks": ranks}
+        save_checkpoint(state, self.out_dir / "last.pt")
+        if not epoch_end:
+            return
+        save_checkpoint(self.backbone.state_dict(), self.out_dir / "backbone.pt")
+        if is_best:
+            weights = ("method", "model", "args", "epoch", "step", "best_top1")
+            save_checkpoint({k: state[k] for k in weights}, self.out_dir / "best.pt")
+        every = self.args.save_every
+        if every and epoch % every == 0:
+            shutil.copyfile(self.out_dir / "last.pt", self.out_dir / f"epoch{epoch:04d}.pt")

@@ -105,15 +105,15 @@ def targets(ds) -> list | None:
     return None if labels is None else list(labels)
 
 
-def load_split(cfg, data_dir, split: str, transform, seed: int = 0, dev: int = 0):
+def load_split(args, data_dir, split: str, transform, seed: int = 0, dev: int = 0):
     """The dataset of `split` with `transform`, or None if the data has no such labelled split;
-    `cfg`: a run's resolved flags (dataset, image_size, holdout). `dev` > 0 keeps a fixed sample
-    of `dev` images (a quarter of that for the test split)."""
-    root, name = Path(data_dir), cfg.dataset
+    `args`: a pretraining run's resolved flags (dataset, image_size, holdout). `dev` > 0 keeps
+    a fixed sample of `dev` images (a quarter of that for the test split)."""
+    root, name = Path(data_dir), args.dataset
     train = split != "test"
     if name == "synthetic":  # train and test draw from disjoint seeds
         n = SYNTHETIC_IMAGES[0] if train else SYNTHETIC_IMAGES[1]
-        ds = SyntheticShapes(n, cfg.image_size, seed * 2 + (not train), transform)
+        ds = SyntheticShapes(n, args.image_size, seed * 2 + (not train), transform)
     elif name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
         folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
@@ -123,7 +123,7 @@ def load_split(cfg, data_dir, split: str, transform, seed: int = 0, dev: int = 0
         ds = _torchvision(torchvision.datasets.STL10, root, "stl10_binary", split=stl_split,
                           transform=transform)
     else:
-        ds = imagefolder(root, split, transform, getattr(cfg, "holdout", 0.2))
+        ds = imagefolder(root, split, transform, args.holdout)
     if ds is not None and dev:
         ds = dev_sample(ds, dev if train else max(1, dev // 4))
     return ds

@@ -1,5 +1,4 @@
-"""The device executor of common/augment.py's Views (--augment device, the default): the loader
-only decodes, and BatchViews makes every view of a whole batch on the training device with
+"""The executor of common/augment.py's Views in pretraining: the loader only decodes, and BatchViews makes every view of a whole batch on the training device with
 tensor ops, drawing each image's parameters from the same distributions as the PIL executor.
 The parameters are drawn with the CPU generator and sent to the device (pinned, non-blocking),
 so making views never waits for the GPU, and a CPU and a GPU run with one seed draw the same
@@ -222,13 +221,12 @@ def shared(view: View) -> View:
 class BatchViews:
     """The device executor: makes the views of `views` (common.augment.View) of a loader batch
     on `device`: (uint8 images (B, 3, H, W), sizes (B, 2), labels (B,)) on the CPU -> (views,
-    labels) on the device, views a list of V float (B, 3, s_v, s_v), or with `with_boxes`
-    (that list, boxes (B, V, 5) = (top, left, height, width, flipped) as fractions of each
-    image, as MultiView's). The k views with the same shared() settings are made together, as
-    one batch of k*B."""
+    boxes, labels) on the device, views a list of V float (B, 3, s_v, s_v), boxes (B, V, 5) =
+    (top, left, height, width, flipped) as fractions of each image. The k views with the same
+    shared() settings are made together, as one batch of k*B."""
 
-    def __init__(self, views, with_boxes: bool = False, device=torch.device("cpu")):
-        self.views, self.with_boxes, self.device = list(views), with_boxes, device
+    def __init__(self, views, device=torch.device("cpu")):
+        self.views, self.device = list(views), device
         self.groups = {}  # shared settings -> the positions they fill, in order
         for i, view in enumerate(self.views):
             self.groups.setdefault(shared(view), []).append(i)
@@ -243,8 +241,7 @@ class BatchViews:
             views, box = self.make(group, x, sizes)  # (k*B, 3, s, s), (k*B, 5)
             for j, i in enumerate(positions):
                 out[i], boxes[i] = views[j * b:(j + 1) * b], box[j * b:(j + 1) * b]
-        labels = labels.to(self.device, non_blocking=True)
-        return ((out, torch.stack(boxes, 1)) if self.with_boxes else out), labels
+        return out, torch.stack(boxes, 1), labels.to(self.device, non_blocking=True)
 
     @staticmethod
     def make(group, x, sizes):

@@ -1,12 +1,12 @@
 """How a script ends: bad input is one line and exit code 2; a non-finite loss, memory running
-out (the device's, or a DataLoader worker's) or a failed peer exit code 1; a preemption signal
-(after its checkpoint) exit code 75."""
+out (the device's, or a DataLoader worker's) or a failed peer exit code 1; a stop signal (after
+its checkpoint) exit code 75, or 130 for Ctrl-C. However it ends, its DataLoader workers end
+with it."""
+import multiprocessing
 import sys
 
 import torch
 import torch.distributed as dist
-
-PREEMPTED = 75  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing last.pt
 
 
 class UserError(Exception):
@@ -18,13 +18,19 @@ class NonFiniteLoss(Exception):
 
 
 class Preempted(Exception):
-    """A signal stopped the run at a step boundary, after its checkpoint: exit code 75."""
+    """A signal stopped the run at a step boundary, after its checkpoint: exit code `code`."""
+
+    def __init__(self, message: str, code: int = 75):
+        super().__init__(message)
+        self.code = code
 
 
 def run_main(main, argv=None) -> None:
     """Run a script's main(argv), turning UserError, NonFiniteLoss, an out-of-memory error, a
     dead DataLoader worker, a failed peer and Preempted into one line and an exit code (2, 1,
-    1, 1, 1, 75)."""
+    1, 1, 1, 75 or 130); any other error keeps its traceback. Either way the DataLoader workers
+    are killed on the way out: they ignore the stop signals (common/loaders.py), so Python's
+    own exit, which terminates them with SIGTERM and then waits, would wait forever."""
     try:
         main(argv)
     except UserError as e:
@@ -32,7 +38,7 @@ def run_main(main, argv=None) -> None:
     except NonFiniteLoss as e:
         stop(f"error: {e}", 1)
     except Preempted as e:
-        stop(f"stopped: {e}", PREEMPTED)
+        stop(f"stopped: {e}", e.code)
     except torch.OutOfMemoryError as e:
         stop(f"error: the device ran out of memory ({str(e).splitlines()[0][:120]}): lower "
              "--batch-size (images per process) or the number or size of the views, or use "
@@ -46,6 +52,17 @@ def run_main(main, argv=None) -> None:
             raise
         stop(f"error: another rank failed or stopped answering ({str(e).splitlines()[0][-160:]}"
              "); its own error is above", 1)
+    finally:
+        kill_workers()
+
+
+def kill_workers() -> None:
+    """SIGKILL this process's daemonic children, its DataLoader workers (they hold nothing that
+    needs saving), and reap them."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()
 
 
 def stop(line: str, code: int) -> None:

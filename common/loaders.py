@@ -1,6 +1,5 @@
-"""Loaders: the resumable, sharded pretraining loader with its view executor (and the uint8 batches
-the device views start from), and the ordered, sharded evaluation loaders (kNN bank, test
-split)."""
+"""Loaders: the resumable, sharded pretraining loader of uint8 images (the device views start
+from them), and the ordered, sharded evaluation loaders (kNN bank, test split)."""
 import itertools
 import signal
 
@@ -9,9 +8,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
 from common import dist
-from common.augment import MultiView, eval_transform
+from common.augment import eval_transform
 from common.data import load_split, num_classes
-from common.device_views import BatchViews
 from common.errors import UserError
 
 
@@ -122,33 +120,19 @@ def eval_loader(ds, batch_size: int, num_workers: int, d) -> DataLoader:
                       pin_memory=d.device.type == "cuda", worker_init_fn=ignore_run_signals)
 
 
-def to_device(batch, device):
-    """Every tensor of a (nested) batch moved to `device` (non-blocking from pinned memory)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    return type(batch)(to_device(b, device) for b in batch)
-
-
-def pretrain_loader(args, views: list, d, with_boxes: bool = False):
-    """(loader, make_views) of a pretraining run: make_views(batch) -> (views, labels) on the
-    device, views a list of V (B, C, s, s), or (that list, boxes (B, V, 5)) `with_boxes`.
-    --augment device: the workers only decode (a dataset held as one array needs none) and
-    BatchViews makes the views on the device; --augment pil: MultiView makes them with PIL in
-    the workers. Both executors read the same View definitions."""
-    on_device = args.augment == "device"
-    transform = pil_to_tensor if on_device else MultiView(views, with_boxes)
-    ds = load_split(args, args.data_dir, "pretrain", transform, args.seed, args.dev)
-    collate, workers = (collate_images if on_device else None), args.num_workers
-    arrays = array_images(ds) if on_device else None
+def pretrain_loader(args, d) -> DataLoader:
+    """The pretraining loader: batches of (uint8 images (B, 3, H, W) zero-padded to the largest,
+    sizes (B, 2), labels (B,)) for common.device_views.BatchViews. Its workers only decode; a
+    dataset held as one array (CIFAR, STL-10) needs none: each batch is one index op."""
+    ds = load_split(args, args.data_dir, "pretrain", pil_to_tensor, args.seed, args.dev)
+    collate, workers = collate_images, args.num_workers
+    arrays = array_images(ds)
     if arrays is not None:  # nothing to decode: each batch is one index op, no workers
         ds, collate, workers = arrays, ArrayImages.collate, 0
         dist.print0(f"data: {len(ds)} images in memory, each batch sliced in this process "
                     "(the workers serve the kNN monitor)")
-    loader = train_loader(ds, args.batch_size, workers, d, args.seed, collate,
-                          persistent=on_device)  # decode-only workers draw nothing
-    if on_device:
-        return loader, BatchViews(views, with_boxes, d.device)
-    return loader, lambda batch: to_device(batch, d.device)  # the workers made the views
+    # persistent workers: they only decode, so they draw no random numbers a resume must repeat
+    return train_loader(ds, args.batch_size, workers, d, args.seed, collate, persistent=True)
 
 
 def knn_loaders(args, d):

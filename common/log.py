@@ -1,45 +1,209 @@
-"""What a run writes for people to read: args.json, TensorBoard events, metrics.jsonl (rank 0
-only), and the one-line epoch summaries it prints."""
+"""What a run records: the Meter of each step's values (kept on the device), and the RunLog of
+its directory: args.json, TensorBoard events, metrics.jsonl, the progress bar and the epoch
+lines, and the lock that keeps a second process from writing the same run."""
+import fcntl
 import json
+import math
+import os
 import resource
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from common import dist
+from common.errors import NonFiniteLoss, Preempted, UserError
+
+NEVER = 2**62  # the first non-finite step of a value that never was
+
+
+class Meter:
+    """The values each train_step returns, summed on the device so that a step reads nothing
+    back (six small tensor ops a step): the latest step's read every --log-every steps
+    (latest()), NaN/inf looked for before every log line and checkpoint (check()), averaged
+    over the epoch and the ranks at its end (epoch()). Python floats (the lr) are summed on the
+    host. It also times the epoch: in all, and waiting for the loader (timed())."""
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys, self.sums, self.host, self.latest_host = [], None, {}, {}
+        self.first_bad, self.last = None, None
+        self.count, self.wait, self.seconds = 0, 0.0, 0.0
+
+    def timed(self, batches):
+        """The batches of `batches`, the time spent waiting for each added to `wait`, all the
+        time of the loop to `seconds`."""
+        mark = time.perf_counter()
+        for batch in batches:
+            now = time.perf_counter()
+            self.wait, self.seconds = self.wait + now - mark, self.seconds + now - mark
+            yield batch
+            mark = time.perf_counter()
+            self.seconds += mark - now
+
+    def add(self, out: dict, step: int) -> None:
+        """One step's values (detached 0-d tensors and floats); `step` counts it (1-based)."""
+        self.keys = [k for k, v in out.items() if torch.is_tensor(v)]
+        for k, v in out.items():
+            if not torch.is_tensor(v):
+                if not math.isfinite(v):
+                    raise non_finite([k], step)
+                self.host[k], self.latest_host[k] = self.host.get(k, 0.0) + v, v
+        x = torch.stack([out[k] for k in self.keys]).float()  # (K,)
+        if self.sums is None:
+            self.sums = torch.zeros_like(x)
+        if self.first_bad is None:
+            self.first_bad = torch.full(x.shape, NEVER, dtype=torch.long, device=x.device)
+        self.first_bad = torch.minimum(self.first_bad, torch.where(torch.isfinite(x), NEVER, step))
+        self.sums.add_(x)
+        self.last, self.count = x, self.count + 1
+
+    def check(self) -> None:
+        """Raise NonFiniteLoss naming the values and the first step that went NaN/inf (one
+        read from the device)."""
+        if self.first_bad is None:
+            return
+        first = self.first_bad.tolist()
+        if min(first) < NEVER:
+            raise non_finite([k for k, s in zip(self.keys, first) if s == min(first)],
+                             min(first))
+
+    def latest(self) -> dict:
+        """The latest step's values as floats (a read from the device), checked first."""
+        self.check()
+        return {**dict(zip(self.keys, self.last.tolist())), **self.latest_host}
+
+    def epoch(self, images_per_step: int) -> dict:
+        """The epoch's record: the mean of each value over its steps and the ranks, the speed
+        (images/s in all and of the steps alone), the time waiting for data and the peak
+        memory; then the meter starts the next epoch."""
+        self.check()
+        n = max(1, self.count)
+        host = torch.tensor(list(self.host.values()), device=self.device)
+        sums = torch.cat([self.sums if self.sums is not None else host[:0], host])
+        means = dict(zip(self.keys + list(self.host), dist.all_reduce_mean(sums / n).tolist()))
+        images = self.count * images_per_step
+        seconds = max(1e-9, self.seconds)
+        record = {**dict(sorted(means.items())), "images_per_s": images / seconds,
+                  "step_images_per_s": images / max(1e-9, seconds - self.wait),
+                  "data_wait_s": self.wait, "data_wait_share": self.wait / seconds,
+                  "peak_memory_mb": peak_memory_mb(self.device)}
+        self.reset()
+        return record
+
+    def state(self) -> dict:
+        """What last.pt keeps of this rank's epoch so far (plain types), after check()."""
+        sums = [] if self.sums is None else self.sums.tolist()
+        return {"keys": self.keys, "sums": sums, "host": self.host, "count": self.count,
+                "wait": self.wait, "seconds": self.seconds}
+
+    def load(self, state: dict | None) -> None:
+        if state:
+            self.keys, self.host, self.count = state["keys"], state["host"], state["count"]
+            self.wait, self.seconds = state["wait"], state["seconds"]
+            self.sums = torch.tensor(state["sums"], device=self.device) if state["sums"] \
+                else None
+
+
+def non_finite(terms: list, step: int) -> NonFiniteLoss:
+    return NonFiniteLoss(f"non-finite {', '.join(terms)} at step {step}; the run stopped and "
+                         "last.pt still holds the last checkpoint before it (try --precision "
+                         "fp32 or a lower --learning-rate)")
 
 
 class RunLog:
-    """args.json, TensorBoard events and metrics.jsonl in the run directory (rank 0 only; on
-    other ranks every method does nothing). A `fresh` run in a directory that holds another
-    run's logs (one that stopped before its first checkpoint) moves them aside first."""
+    """The run directory as people read it, written by rank 0 (on other ranks every method
+    does nothing): args.json, the flags of the command that started the run (written once, so
+    a resume never rewrites the record); TensorBoard events; metrics.jsonl, one line per epoch;
+    the progress bar and one printed line per epoch. The directory is locked for the run's
+    life (released by the kernel when the process dies, so a crash never blocks a resume): a
+    second process writing the same run is refused in one line. A `fresh` run in a directory
+    that holds another run's logs (one that stopped before its first checkpoint) moves them
+    aside first. With the run's `meter`, a crash inside the `with` block that follows a
+    non-finite step (an SVD of NaNs) is reported as that step."""
 
-    def __init__(self, out_dir: Path, args: dict, is_main: bool, fresh: bool = False):
-        self.writer, self.jsonl = None, None
-        if is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            if fresh:
-                set_aside(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "args.json").write_text(json.dumps(args, indent=2, sort_keys=True))
-            self.writer = SummaryWriter(out_dir)
-            self.jsonl = open(out_dir / "metrics.jsonl", "a")
+    def __init__(self, args, d, fresh: bool, meter: Meter | None = None):
+        self.args, self.is_main, self.meter = args, d.is_main, meter
+        self.writer, self.jsonl, self.lock = None, None, None
+        if not d.is_main:
+            return
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.lock = lock(out / "run.lock")
+        from torch.utils.tensorboard import SummaryWriter
+        if fresh:
+            set_aside(out)
+            (out / "args.json").write_text(json.dumps(vars(args), indent=2, sort_keys=True))
+        self.writer = SummaryWriter(out)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if self.writer:
+            self.writer.close()
+            self.jsonl.close()
+        if self.lock:
+            self.lock.close()
+        if self.meter and error is not None and not isinstance(error, (Preempted, UserError)):
+            self.meter.check()
+
+    def bar(self, loader, epoch: int, batch: int):
+        """The loader under a progress bar (rank 0) that starts at `batch` of the epoch."""
+        self.progress = tqdm(loader, desc=f"epoch {epoch + 1}/{self.args.max_epochs}",
+                             initial=batch, total=batch + len(loader), disable=not self.is_main)
+        return self.progress
+
+    def step(self, step: int) -> None:
+        """The meter's latest values, read from the device (the only read on most steps), into
+        TensorBoard (train/) and the progress bar."""
+        values = self.meter.latest()
+        self.scalars(step, values, "train")
+        self.progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values.get('lr', 0):.2e}")
+
+    def epoch(self, record: dict, prefix: str = "epoch") -> None:
+        """An epoch's record into metrics.jsonl, TensorBoard (kNN results under knn/, the rest
+        under `prefix`/) and one printed line. Epoch 0 is the untrained network's kNN, left out
+        when there is none (unlabelled data, --eval-every 0)."""
+        if record["epoch"] == 0 and not any(k.startswith("knn_") for k in record):
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        knn = {k[4:]: v for k, v in record.items() if k.startswith("knn_")}
+        rest = {k: v for k, v in record.items() if not k.startswith("knn_")
+                and k not in ("epoch", "step")}
+        self.scalars(record["step"], rest, prefix)
+        self.scalars(record["step"], knn, "knn")
+        name = "0 (untrained)" if record["epoch"] == 0 else record["epoch"]
+        dist.print0(f"epoch {name}: {summary(record)}")
 
     def scalars(self, step: int, values: dict, prefix: str) -> None:
-        """TensorBoard scalars `prefix/name` at `step`."""
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
-    def epoch(self, record: dict) -> None:
-        """One line of metrics.jsonl."""
-        if self.jsonl:
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
 
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-            self.jsonl.close()
+def lock(path: Path):
+    """An exclusive lock on `path` (holding this process's id) for as long as the returned file
+    stays open; one error line if another process holds it."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise UserError(f"another process (pid {f.read().strip() or 'unknown'}) is writing "
+                        f"{path.parent}: wait for it to end, stop it, or choose another "
+                        "--output-dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def set_aside(out_dir: Path) -> None:

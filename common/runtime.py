@@ -14,15 +14,13 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def thread_budget(workers: int, busy_workers: bool) -> int:
+def thread_budget() -> int:
     """Intra-op threads: this process's share of the cores (torchrun's LOCAL_WORLD_SIZE
-    processes per machine), less one per DataLoader worker when the workers make the views
-    (--augment pil). Workers that only decode (--augment device) or crop and flip (finetune)
-    are counted as idle: on 2 cores a DenseCL step ran at 92 images/s with 1 worker and 2
-    threads, 54 with 1 worker and 1 thread, and README's probe took 28 s with 2 workers and 2
-    threads, 35 s with 1 thread."""
-    share = cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, share - (workers if busy_workers else 0))
+    processes per machine). DataLoader workers that only decode (pretraining) or crop and flip
+    (finetune) are counted as idle: on 2 cores a DenseCL step ran at 92 images/s with 1 worker
+    and 2 threads, 54 with 1 worker and 1 thread, and README's probe took 28 s with 2 workers
+    and 2 threads, 35 s with 1 thread."""
+    return max(1, cpu_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def resolve_runtime(args) -> None:
@@ -35,8 +33,7 @@ def resolve_runtime(args) -> None:
         args.precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     if getattr(args, "channels_last", False) is None:
         args.channels_last = not cuda or args.precision != "fp32"
-    args.threads = args.threads or thread_budget(args.num_workers,
-                                                 getattr(args, "augment", None) == "pil")
+    args.threads = args.threads or thread_budget()
 
 
 def keep_freed_memory() -> bool:

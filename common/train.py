@@ -1,5 +1,6 @@
-"""The step's utilities: the learning-rate schedule, autocast, and backward with the optimizer
-step."""
+"""The step's utilities: the learning-rate schedule, autocast, backward with the optimizer step,
+the EMA of momentum networks and FIFO queues of past embeddings (MoCo's two mechanisms), each
+a few launches per step whatever the batch or the number of parameters."""
 import contextlib
 import math
 
@@ -39,3 +40,27 @@ def backward_step(loss, optimizer, scaler=None, clip_params=None, max_norm=math.
         scaler.step(optimizer)
         scaler.update()
     return norm
+
+
+@torch.no_grad()
+def update_ema(pairs, ema: float) -> None:
+    """theta_m <- ema theta_m + (1 - ema) theta for each (momentum copy, online module) of
+    `pairs`, parameters only: BatchNorm buffers keep their own statistics (MoCo, DenseCL, MSN
+    and MMCR's official code alike). One fused lerp over all parameters."""
+    slow = [p for momentum_copy, _ in pairs for p in momentum_copy.parameters()]
+    fast = [p for _, online in pairs for p in online.parameters()]
+    torch._foreach_lerp_(slow, fast, 1 - ema)
+
+
+@torch.no_grad()
+def enqueue(queues: list, rows: list, ptr: torch.Tensor) -> None:
+    """FIFO: write rows[i] (N, ...) over the N oldest slots of queues[i] (K, ...), all at the
+    pointer `ptr` (a 0-d long buffer, advanced here and kept on the device: no host
+    synchronisation per step). K must be a multiple of N, so a batch never straddles the end."""
+    n, k = rows[0].shape[0], queues[0].shape[0]
+    if k % n:
+        raise ValueError(f"queue length {k} is not a multiple of the global batch {n}")
+    slots = ptr + torch.arange(n, device=ptr.device)  # (N,)
+    for queue, new in zip(queues, rows):
+        queue.index_copy_(0, slots, new.to(queue.dtype))
+    ptr.add_(n).remainder_(k)

@@ -12,13 +12,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 
 from common.backbone import resnet_of
 from common.errors import run_main
-from common.finetune import finetune_args, load_pretrained, run_finetune
+from common.finetune import finetune_args, load_pretrained, parse_finetune, run_finetune
+
+
+def get_args(argv=None):
+    return parse_finetune(finetune_args("Linear probe / finetune of a DenseCL backbone"), argv)
 
 
 def main(argv=None):
-    args = finetune_args("Linear probe / finetune of a DenseCL backbone").parse_args(argv)
-    backbone, width, pre = load_pretrained(args.checkpoint, "densecl", resnet_of, "backbone.")
-    return run_finetune(args, backbone, width, pre)
+    args = get_args(argv)
+    backbone, width, pretrain_args = load_pretrained(args.checkpoint, "densecl", resnet_of,
+                                                     "backbone.")
+    return run_finetune(args, backbone, width, pretrain_args)
 
 
 if __name__ == "__main__":

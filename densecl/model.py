@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from common.backbone import FEATURE_DIM, resnet
 from common.dist import broadcast, gather, rank, world_size
-from common.momentum import enqueue, update_ema
+from common.train import enqueue, update_ema
 
 
 def feature_map(net: nn.Module, x):
@@ -145,11 +145,11 @@ class DenseCL(nn.Module):
         return {"f_k": f_k[mine], "k": k_all[mine], "k_grid": k_grid[mine], "k_all": k_all,
                 "k2_all": k2_all}
 
-    def update_ema(self, momentum: float) -> None:
-        """xi <- m xi + (1 - m) theta over backbone and neck parameters (BN buffers keep their
-        own statistics, as official _momentum_update_key_encoder)."""
+    def update_ema(self, ema: float) -> None:
+        """xi <- ema xi + (1 - ema) theta over backbone and neck parameters (BN buffers keep
+        their own statistics, as official _momentum_update_key_encoder)."""
         update_ema([(self.momentum_backbone, self.backbone), (self.momentum_neck, self.neck)],
-                   momentum)
+                   ema)
 
     @torch.no_grad()
     def enqueue(self, k_all: torch.Tensor, k2_all: torch.Tensor) -> None:

@@ -6,6 +6,7 @@
     python densecl/pretrain.py --output-dir runs/densecl/<run> --resume auto  # continue a run
     python densecl/pretrain.py --dataset synthetic --max-epochs 2 --dev      # offline smoke run
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -16,15 +17,18 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
+from common.checkpoint import Checkpoint
 from common.data import pretrain_images
+from common.device_views import BatchViews
 from common.errors import run_main
-from common.flags import (FromRecipe, Parser, add_common_args, apply_recipe, at_least, describe_run,
-                          learning_rate_rule, parse, positive_float, resolve_learning_rate)
+from common.flags import (add_common_args, at_least, by_recipe, cap_queue, describe_run,
+                          fill_recipe, fraction, learning_rate_rule, momentum, parse, parser,
+                          positive, resolve_learning_rate)
 from common.knn import KnnMonitor
 from common.loaders import knn_loaders, pretrain_loader
-from common.momentum import cap_queue
-from common.progress import Progress
+from common.log import Meter, RunLog
 from common.runtime import resolve_runtime, tune_process
+from common.signals import Signals
 from common.train import autocast, backward_step, warmup_cosine
 from densecl.model import DenseCL, densecl_loss, match_accuracy, match_locations
 
@@ -47,37 +51,35 @@ RECIPES = {
 
 
 def get_args(argv=None):
-    p = Parser(description="DenseCL pretraining")
+    p = parser("DenseCL pretraining")
     add_common_args(p, RECIPES, knn_temperature=0.1)
     g = p.add_argument_group("densecl", "SGD (momentum 0.9), cosine decay per step")
     add_resnet_args(g, RECIPES)
-    g.add_argument("--tau", type=positive_float, default=0.2, help="InfoNCE temperature of "
-                   "both losses (official 0.2)")
-    g.add_argument("--dense-weight", type=float, default=0.5, help="lambda: loss = (1 - lambda)"
-                   " global + lambda dense (official 0.5; 0 gives MoCo v2)")
-    g.add_argument("--queue-size", type=at_least(1), default=FromRecipe(RECIPES, "queue_size"),
-                   help="length K of both key queues, a multiple of the global batch and at "
-                   "most the training set (larger is shrunk, with a notice)")
-    g.add_argument("--ema", type=float, default=FromRecipe(RECIPES, "ema"), help="momentum of "
-                   "the constant EMA of the momentum backbone and heads")
-    g.add_argument("--bn-splits", type=at_least(1), default=None, help="BatchNorm groups per "
-                   "process; the key batch is shuffled over all processes before the split. "
-                   "Unset: 8 on one process (MoCo's CIFAR split BN; fewer if the batch is too "
-                   "small), 1 under torchrun (official shuffle-BN)")
-    g.add_argument("--hidden-dim", type=at_least(1), default=None, help="hidden width of both "
-                   "heads (unset: the backbone width, as the official neck)")
-    g.add_argument("--projection-dim", type=at_least(1), default=128, help="embedding dim D")
-    # resolved once, in this order: command line, recipe, then the data and the machine
-    args = parse(p, argv, "densecl")  # a resumed run's own flags where the command line is silent
-    apply_recipe(args, RECIPES)
-    if not 0 <= args.dense_weight <= 1:
-        p.error(f"--dense-weight must lie in [0, 1] (got {args.dense_weight})")
-    if not 0 <= args.ema <= 1:
-        p.error(f"--ema must lie in [0, 1] (got {args.ema})")
+    a, recipe = g.add_argument, dict(default=argparse.SUPPRESS)
+    a("--tau", type=positive, default=0.2, help="InfoNCE temperature of both losses (official "
+      "0.2)")
+    a("--dense-weight", type=fraction, default=0.5, help="lambda: loss = (1 - lambda) global + "
+      "lambda dense (official 0.5; 0 gives MoCo v2)")
+    a("--queue-size", type=at_least(1), **recipe, help="length K of both key queues, a "
+      "multiple of the global batch and at most the training set (larger is shrunk, with a "
+      f"notice) {by_recipe(RECIPES, 'queue_size')}")
+    a("--ema", type=momentum, **recipe, help="EMA momentum of the momentum backbone and heads "
+      f"(constant) {by_recipe(RECIPES, 'ema')}")
+    a("--bn-splits", type=at_least(1), default=None, help="BatchNorm groups per process; the "
+      "key batch is shuffled over all processes before the split. Unset: 8 on one process "
+      "(MoCo's CIFAR split BN; fewer if the batch is too small), 1 under torchrun (official "
+      "shuffle-BN)")
+    a("--hidden-dim", type=at_least(1), default=None, help="hidden width of both heads (unset: "
+      "the backbone width, as the official neck)")
+    a("--projection-dim", type=at_least(1), default=128, help="embedding dim D")
+    # resolved once, in this order: the command line (a resumed run's own flags where it is
+    # silent), the recipe, then the data and the machine
+    args = parse(p, argv, "densecl", RECIPES)
+    fill_recipe(args, RECIPES)
     resolve_runtime(args)
     world = dist.launched_world_size()
     images = args.batch_size * world
-    resolve_learning_rate(args, images)
+    resolve_learning_rate(p, args, images)
     args.bn_splits = args.bn_splits or default_bn_splits(args.batch_size, world)
     check_sizes(p, args, images)
     # at most one epoch: a longer queue would hold an image's own older key among its negatives
@@ -142,7 +144,7 @@ def main(argv=None):
     tune_process(args, d.rank)
 
     # ---- data: B images x 2 views (+ their crop boxes) per process and step; kNN splits
-    loader, make_views = pretrain_loader(args, pretrain_views(args), d, with_boxes=True)
+    loader, make_views = pretrain_loader(args, d), BatchViews(pretrain_views(args), d.device)
     knn = KnnMonitor(knn_loaders(args, d), args.num_neighbours, args.temperature,
                      args.eval_every, args.max_epochs, d, args.precision)
 
@@ -155,33 +157,51 @@ def main(argv=None):
     net = torch.compile(net) if args.compile else net
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.learning_rate, momentum=0.9,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay, fused=True)
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
     total = args.max_epochs * len(loader)
     warmup = int(args.warmup_duration * total)
-    images = args.batch_size * d.world_size
+    global_batch = args.batch_size * d.world_size
     dist.print0(describe_run(args))
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x 2 views | "
-                f"global {images} images per step | {len(loader)} steps/epoch | peak lr "
-                f"{args.learning_rate:g} ({learning_rate_rule(args, images)}) | queues "
-                f"{args.queue_size} | BatchNorm: key batch shuffled over {images} images, "
+                f"global {global_batch} images per step | {len(loader)} steps/epoch | peak lr "
+                f"{args.learning_rate:g} ({learning_rate_rule(args, global_batch)}) | queues "
+                f"{args.queue_size} | BatchNorm: key batch shuffled over {global_batch} images, "
                 f"{args.bn_splits} group(s) of {args.batch_size // args.bn_splits} per process "
                 f"| {args.output_dir}")
 
-    # ---- train
-    with Progress(method="densecl", args=args, d=d, model=model, backbone=model.backbone,
-                  optimizer=optimizer, scaler=scaler, loader=loader,
-                  resume_from=args.resume) as progress:
-        if progress.fresh:
-            progress.untrained(knn(model.backbone, 0))
-        while progress.epoch < args.max_epochs:
-            for batch in progress.batches(loader):
-                (views, boxes), _ = make_views(batch)  # 2 x (B, C, H, W), (B, 2, 5)
+    # ---- train, from where last.pt stopped: epoch, batches of it done, global step
+    ckpt = Checkpoint("densecl", args, d, model, model.backbone, optimizer, scaler,
+                      loader.generator)
+    meter = Meter(d.device)
+    epoch, batch, step = ckpt.resume(meter)  # (0, 0, 0) for a new run
+    if epoch == args.max_epochs:
+        return  # finished: resume() said so
+    with Signals(args.checkpoint_every, d) as signals, \
+            RunLog(args, d, args.resume is None, meter) as log:
+        if step == 0:
+            log.epoch({"epoch": 0, "step": 0, **knn(model.backbone, 0)})  # untrained
+        for epoch in range(epoch, args.max_epochs):
+            loader.sampler.set_epoch(epoch, skip=batch * args.batch_size)  # the rest of it
+            for images in meter.timed(log.bar(loader, epoch, batch)):
+                views, boxes, _ = make_views(images)  # 2 x (B, C, H, W), (B, 2, 5)
                 x_q, x_k = (v.contiguous(memory_format=memory_format) for v in views)
-                lr = warmup_cosine(progress.step, total, warmup, args.learning_rate)
+                lr = warmup_cosine(step, total, warmup, args.learning_rate)
                 out = train_step(net, model, x_q, x_k, boxes, optimizer, scaler, lr, args)
-                progress.step_done(out)
-            progress.epoch_done(knn(model.backbone, progress.epoch + 1))
+                step, batch = step + 1, batch + 1
+                meter.add(out, step)  # summed on the device: nothing read back
+                if step % args.log_every == 0:
+                    log.step(step)
+                stop, save = signals.poll()  # a stop signal or the timer, agreed by all ranks
+                if save:
+                    ckpt.save(epoch, batch, step, meter)
+                if stop:
+                    raise signals.stopped(step, epoch, batch)
+            record = {"epoch": epoch + 1, "step": step, **meter.epoch(global_batch),
+                      **knn(model.backbone, epoch + 1)}
+            batch = 0
+            ckpt.save(epoch + 1, batch, step, meter, record)  # + backbone.pt, best.pt
+            log.epoch(record)
     dist.cleanup()
 
 

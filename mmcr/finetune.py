@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 
 from common.backbone import resnet_of
 from common.errors import run_main
-from common.finetune import finetune_args, load_pretrained, run_finetune
+from common.finetune import finetune_args, load_pretrained, parse_finetune, run_finetune
 from mmcr.pretrain import pretrain_views
 
 
@@ -22,16 +22,17 @@ def get_args(argv=None):
         help="the training images' views. crop-flip: random resized crop and flip; pretrain: "
         "one view of the pretraining recipe, as the official CIFAR/STL probe "
         "(mmcr/cifar_stl/train_linear_classifier.py) and the playground's probe")
-    return p.parse_args(argv)
+    return parse_finetune(p, argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    backbone, width, pre = load_pretrained(args.checkpoint, "mmcr", resnet_of, "backbone.")
+    backbone, width, pretrain_args = load_pretrained(args.checkpoint, "mmcr", resnet_of,
+                                                     "backbone.")
     view = None
     if args.train_views == "pretrain":
-        view = lambda cfg: pretrain_views(cfg)[0]  # noqa: E731
-    return run_finetune(args, backbone, width, pre, train_view=view)
+        view = lambda data: pretrain_views(data)[0]  # noqa: E731
+    return run_finetune(args, backbone, width, pretrain_args, train_view=view)
 
 
 if __name__ == "__main__":

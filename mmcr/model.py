@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from common.backbone import FEATURE_DIM, resnet
 from common.dist import gather, gather_with_grad
-from common.momentum import update_ema
+from common.train import update_ema
 
 
 def projector(in_dim: int, hidden_dims: list, out_dim: int) -> nn.Sequential:
@@ -27,16 +27,16 @@ def projector(in_dim: int, hidden_dims: list, out_dim: int) -> nn.Sequential:
 
 
 class MMCR(nn.Module):
-    """Backbone + projector, and with `momentum=True` an EMA copy of both (the official
+    """Backbone + projector, and with `momentum_branch` an EMA copy of both (the official
     ImageNet `MMCR_Momentum` objective) that sees the same views and gets no gradient."""
 
     def __init__(self, arch="resnet18", stem="cifar", image_size=32, hidden_dims=(512,),
-                 projection_dim=128, momentum=False, zero_init_residual=False):
+                 projection_dim=128, momentum_branch=False, zero_init_residual=False):
         super().__init__()
         self.backbone = resnet(arch, stem, image_size, zero_init_residual)
         self.projector = projector(FEATURE_DIM[arch], hidden_dims, projection_dim)
         self.momentum_backbone = self.momentum_projector = None
-        if momentum:
+        if momentum_branch:
             self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
             self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
@@ -50,11 +50,11 @@ class MMCR(nn.Module):
                 z_momentum = z_momentum.unflatten(0, (-1, num_views))
         return z.unflatten(0, (-1, num_views)), z_momentum
 
-    def update_ema(self, momentum: float) -> None:
-        """The momentum branch follows the online one (parameters only, BN buffers not copied,
-        as the official mmcr/imagenet/misc.py)."""
+    def update_ema(self, ema: float) -> None:
+        """The momentum branch follows the online one with EMA momentum `ema` (parameters only,
+        BN buffers not copied, as the official mmcr/imagenet/misc.py)."""
         update_ema([(self.momentum_backbone, self.backbone),
-                    (self.momentum_projector, self.projector)], momentum)
+                    (self.momentum_projector, self.projector)], ema)
 
 
 def nuclear_norm(x: torch.Tensor) -> torch.Tensor:

@@ -16,14 +16,17 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
+from common.checkpoint import Checkpoint
+from common.device_views import BatchViews
 from common.errors import run_main
-from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
-                          describe_run, learning_rate_rule, parse, positive_float,
+from common.flags import (add_common_args, at_least, by_recipe, describe_run, fill_recipe,
+                          learning_rate_rule, momentum, parse, parser, positive, refuse_unused,
                           resolve_learning_rate)
 from common.knn import KnnMonitor
 from common.loaders import knn_loaders, pretrain_loader
-from common.progress import Progress
+from common.log import Meter, RunLog
 from common.runtime import resolve_runtime, tune_process
+from common.signals import Signals
 from common.train import autocast, backward_step, warmup_cosine
 from mmcr.model import MMCR, mmcr_loss
 
@@ -43,51 +46,53 @@ RECIPES = {
     # (the earlier official defaults, 287db45: --num-views 8 --base-learning-rate 0.8)
     "imagenet": dict(backbone="resnet50", batch_size=128, num_views=2, max_epochs=100,
                      optimizer="lars", learning_rate=None, base_learning_rate=0.6,
-                     warmup_duration=Epochs(10), final_lr_ratio=0.001, weight_decay=1e-6,
+                     warmup_epochs=10, final_lr_ratio=0.001, weight_decay=1e-6,
                      lars_eta=1e-3, hidden_dim=[8192, 8192], projection_dim=512,
                      ema=0.99, zero_init_residual=True),
 }
 
 
 def ema_or_off(text: str):
-    """--ema: a float, or 'off' for no momentum branch."""
-    return None if text == "off" else float(text)
+    """--ema: an EMA momentum in [0, 1), or 'off' for no momentum branch."""
+    return None if text == "off" else momentum(text)
 
 
 def get_args(argv=None):
-    p = Parser(description="MMCR pretraining", renamed={"--momentum-tau": "--ema"})
+    p = parser("MMCR pretraining")
     add_common_args(p, RECIPES, knn_temperature=0.5)
     g = p.add_argument_group("mmcr")
     add_resnet_args(g, RECIPES)
-    recipe = lambda key: FromRecipe(RECIPES, key)  # noqa: E731
-    g.add_argument("--num-views", type=at_least(2), default=recipe("num_views"),
-                   help="views per image (official: CIFAR 40, ImageNet 2); memory grows with "
-                   "batch x views")
-    g.add_argument("--optimizer", choices=["adam", "lars"], default=recipe("optimizer"),
-                   help="adam (official CIFAR/STL) or LARS with momentum 0.9, 1-D parameters "
-                   "excluded (official ImageNet)")
-    g.add_argument("--final-lr-ratio", type=at_least(0, float), default=recipe("final_lr_ratio"),
-                   help="cosine decay ends at this fraction of the peak lr")
-    g.add_argument("--lars-eta", type=positive_float, default=recipe("lars_eta"),
-                   help="LARS trust coefficient")
-    g.add_argument("--hidden-dim", type=at_least(1), nargs="+", default=recipe("hidden_dim"),
-                   help="projector hidden widths (Linear-BN-ReLU each)")
-    g.add_argument("--projection-dim", type=at_least(1), default=recipe("projection_dim"),
-                   help="embedding dim D")
-    g.add_argument("--lmbda", type=float, default=0.0, help="weight of the local nuclear-norm "
-                   "term (official default 0)")
-    g.add_argument("--ema", type=ema_or_off, default=recipe("ema"), help="momentum of the EMA "
-                   "of the momentum branch (constant), or 'off' for none")
-    g.add_argument("--zero-init-residual", action=argparse.BooleanOptionalAction,
-                   default=recipe("zero_init_residual"),
-                   help="zero-initialise the last BN of each residual block")
-    # resolved once, in this order: command line, recipe, then the data and the machine
-    args = parse(p, argv, "mmcr")  # a resumed run's own flags where the command line is silent
-    apply_recipe(args, RECIPES)
+    a, recipe = g.add_argument, dict(default=argparse.SUPPRESS)
+    a("--num-views", type=at_least(2), **recipe, help="views per image (official: CIFAR 40, "
+      f"ImageNet 2); memory grows with batch x views {by_recipe(RECIPES, 'num_views')}")
+    a("--optimizer", choices=["adam", "lars"], **recipe, help="adam (official CIFAR/STL) or "
+      "LARS with momentum 0.9, 1-D parameters excluded (official ImageNet) "
+      f"{by_recipe(RECIPES, 'optimizer')}")
+    a("--final-lr-ratio", type=at_least(0, float), **recipe, help="the cosine decay ends at "
+      f"this fraction of the peak lr {by_recipe(RECIPES, 'final_lr_ratio')}")
+    a("--lars-eta", type=positive, **recipe, help="LARS trust coefficient (--optimizer lars) "
+      f"{by_recipe(RECIPES, 'lars_eta')}")
+    a("--hidden-dim", type=at_least(1), nargs="+", **recipe, help="projector hidden widths "
+      f"(Linear-BN-ReLU each) {by_recipe(RECIPES, 'hidden_dim')}")
+    a("--projection-dim", type=at_least(1), **recipe,
+      help=f"embedding dim D {by_recipe(RECIPES, 'projection_dim')}")
+    a("--ema", type=ema_or_off, **recipe, help="EMA momentum of the momentum branch (constant), "
+      f"or 'off' for none {by_recipe(RECIPES, 'ema', none='off')}")
+    a("--zero-init-residual", action=argparse.BooleanOptionalAction, **recipe,
+      help="zero-initialise the last BN of each residual block "
+      f"{by_recipe(RECIPES, 'zero_init_residual')}")
+    a("--lmbda", type=at_least(0, float), default=0.0, help="weight of the local nuclear-norm "
+      "term (official default 0)")
+    # resolved once, in this order: the command line (a resumed run's own flags where it is
+    # silent), the recipe, then the data and the machine
+    args = parse(p, argv, "mmcr", RECIPES)
+    fill_recipe(args, RECIPES)
+    refuse_unused(args, {"lars_eta": args.optimizer != "lars" and "it is LARS' trust "
+                         "coefficient, and --optimizer is adam"})
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: BatchNorm and the centroid matrix need it")
     resolve_runtime(args)
-    resolve_learning_rate(args, args.batch_size * dist.launched_world_size())
+    resolve_learning_rate(p, args, args.batch_size * dist.launched_world_size())
     args.stem = resolve_stem(args.stem, args.recipe)
     return args
 
@@ -127,7 +132,8 @@ class LARS(torch.optim.Optimizer):
     """LARS as the official ImageNet code (mmcr/imagenet/misc.py, Barlow Twins' form): a weight
     matrix (ndim > 1) steps with d = (g + wd w) eta ||w|| / ||g + wd w||, a 1-D parameter (bias,
     norm weight) with its plain gradient, no weight decay; then v = 0.9 v + d, w = w - lr v.
-    A zero ||w|| or ||g + wd w|| leaves g + wd w unscaled."""
+    A zero ||w|| or ||g + wd w|| leaves g + wd w unscaled. Each line is one fused op over all
+    parameters (torch._foreach_*), as torch's own optimizers."""
 
     def __init__(self, params, lr: float, weight_decay: float, eta: float):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, eta=eta))
@@ -135,26 +141,31 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                d = w.grad
-                if w.ndim > 1:
-                    d = d + group["weight_decay"] * w
-                    w_norm, d_norm = w.norm(), d.norm()
-                    trust = group["eta"] * w_norm / d_norm
-                    d = torch.where((w_norm > 0) & (d_norm > 0), d * trust, d)
-                state = self.state[w]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(w)
-                buf = state["momentum_buffer"]
-                w.add_(buf.mul_(0.9).add_(d), alpha=-group["lr"])
+            params = [w for w in group["params"] if w.grad is not None]
+            matrices, vectors = [w for w in params if w.ndim > 1], [w for w in params if w.ndim < 2]
+            d = list(torch._foreach_add([w.grad for w in matrices], matrices,
+                                        alpha=group["weight_decay"]))
+            w_norm = torch.stack(torch._foreach_norm(matrices))  # (M,)
+            d_norm = torch.stack(torch._foreach_norm(d))
+            trust = torch.where((w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / d_norm, 1.0)
+            torch._foreach_mul_(d, list(trust.unbind()))
+            momentum_buffers = [self.momentum_buffer(w) for w in matrices + vectors]
+            torch._foreach_mul_(momentum_buffers, 0.9)
+            torch._foreach_add_(momentum_buffers, d + [w.grad for w in vectors])
+            torch._foreach_add_(matrices + vectors, momentum_buffers, alpha=-group["lr"])
+
+    def momentum_buffer(self, w):
+        state = self.state[w]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(w)
+        return state["momentum_buffer"]
 
 
 def make_optimizer(model, args):
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    if args.optimizer == "adam":  # fused: one kernel for all parameters
+        return torch.optim.Adam(params, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                fused=True)
     return LARS(params, args.learning_rate, args.weight_decay, args.lars_eta)
 
 
@@ -164,7 +175,7 @@ def main(argv=None):
     tune_process(args, d.rank)
 
     # ---- data: B images x V views per process and step; the kNN monitor's splits
-    loader, make_views = pretrain_loader(args, pretrain_views(args), d)
+    loader, make_views = pretrain_loader(args, d), BatchViews(pretrain_views(args), d.device)
     knn = KnnMonitor(knn_loaders(args, d), args.num_neighbours, args.temperature,
                      args.eval_every, args.max_epochs, d, args.precision)
 
@@ -179,30 +190,47 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
     total = args.max_epochs * len(loader)
     warmup = int(args.warmup_duration * total)
-    images = args.batch_size * d.world_size
+    global_batch = args.batch_size * d.world_size
     dist.print0(describe_run(args))
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x "
                 f"{args.num_views} views = {args.batch_size * args.num_views} crops | global "
-                f"{images} images, {images * args.num_views} crops per step | {len(loader)} "
-                f"steps/epoch | {args.optimizer}, peak lr {args.learning_rate:g} "
-                f"({learning_rate_rule(args, images)}) | {args.output_dir}")
+                f"{global_batch} images, {global_batch * args.num_views} crops per step | "
+                f"{len(loader)} steps/epoch | {args.optimizer}, peak lr {args.learning_rate:g} "
+                f"({learning_rate_rule(args, global_batch)}) | {args.output_dir}")
 
-    # ---- train
-    with Progress(method="mmcr", args=args, d=d, model=model, backbone=model.backbone,
-                  optimizer=optimizer, scaler=scaler, loader=loader,
-                  resume_from=args.resume) as progress:
-        if progress.fresh:
-            progress.untrained(knn(model.backbone, 0))
-        while progress.epoch < args.max_epochs:
-            for batch in progress.batches(loader):
-                views, _ = make_views(batch)  # V tensors of (B, C, H, W), on the device
+    # ---- train, from where last.pt stopped: epoch, batches of it done, global step
+    ckpt = Checkpoint("mmcr", args, d, model, model.backbone, optimizer, scaler, loader.generator)
+    meter = Meter(d.device)
+    epoch, batch, step = ckpt.resume(meter)  # (0, 0, 0) for a new run
+    if epoch == args.max_epochs:
+        return  # finished: resume() said so
+    with Signals(args.checkpoint_every, d) as signals, \
+            RunLog(args, d, args.resume is None, meter) as log:
+        if step == 0:
+            log.epoch({"epoch": 0, "step": 0, **knn(model.backbone, 0)})  # untrained
+        for epoch in range(epoch, args.max_epochs):
+            loader.sampler.set_epoch(epoch, skip=batch * args.batch_size)  # the rest of it
+            for images in meter.timed(log.bar(loader, epoch, batch)):
+                views, _, _ = make_views(images)  # V x (B, C, H, W) on the device
                 x = torch.stack(views, 1).flatten(0, 1)  # (B*V, C, H, W), an image's views together
                 x = x.contiguous(memory_format=memory_format)
-                lr = warmup_cosine(progress.step, total, warmup, args.learning_rate,
+                lr = warmup_cosine(step, total, warmup, args.learning_rate,
                                    args.final_lr_ratio * args.learning_rate)
                 out = train_step(net, model, x, optimizer, scaler, lr, args)
-                progress.step_done(out)
-            progress.epoch_done(knn(model.backbone, progress.epoch + 1))
+                step, batch = step + 1, batch + 1
+                meter.add(out, step)  # summed on the device: nothing read back
+                if step % args.log_every == 0:
+                    log.step(step)
+                stop, save = signals.poll()  # a stop signal or the timer, agreed by all ranks
+                if save:
+                    ckpt.save(epoch, batch, step, meter)
+                if stop:
+                    raise signals.stopped(step, epoch, batch)
+            record = {"epoch": epoch + 1, "step": step, **meter.epoch(global_batch),
+                      **knn(model.backbone, epoch + 1)}
+            batch = 0
+            ckpt.save(epoch + 1, batch, step, meter, record)  # + backbone.pt, best.pt
+            log.epoch(record)
     dist.cleanup()
 
 

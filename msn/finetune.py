@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import run_main
-from common.finetune import finetune_args, load_pretrained, run_finetune
+from common.finetune import finetune_args, load_pretrained, parse_finetune, run_finetune
 from msn.model import ViT
 
 
@@ -35,9 +35,9 @@ class OfficialHead(nn.Module):
         return self.fc(F.normalize(self.norm(x), dim=1))
 
 
-def build_backbone(pre: dict):
-    """The (untrained) ViT of a pretraining run with args `pre`, and its width."""
-    return ViT(**pre["vit_config"]), pre["vit_config"]["hidden_dim"]
+def build_backbone(pretrain_args):
+    """The (untrained) ViT of a pretraining run (its resolved flags), and its width."""
+    return ViT(**pretrain_args.vit_config), pretrain_args.vit_config["hidden_dim"]
 
 
 def get_args(argv=None):
@@ -46,18 +46,18 @@ def get_args(argv=None):
         "--features", default="final-norm", choices=["final-norm", "last-block"],
         help="final-norm: class token after the final LayerNorm, into a Linear layer; "
         "last-block: the official linear evaluation's features and head (module docstring)")
-    return p.parse_args(argv)
+    return parse_finetune(p, argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    backbone, width, pre = load_pretrained(args.checkpoint, "msn", build_backbone,
-                                           "target_encoder.")
+    backbone, width, pretrain_args = load_pretrained(args.checkpoint, "msn", build_backbone,
+                                                     "target_encoder.")
     head = None
     if args.features == "last-block":
         backbone.encoder.ln = nn.Identity()  # the last block's class token, no final norm
         head = partial(OfficialHead, width)  # called with the class count
-    return run_finetune(args, backbone, width, pre, head)
+    return run_finetune(args, backbone, width, pretrain_args, head)
 
 
 if __name__ == "__main__":

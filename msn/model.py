@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torchvision.models import VisionTransformer
 
 from common.dist import all_reduce_mean, world_size
-from common.momentum import update_ema
+from common.train import update_ema
 
 # (width E, depth, heads) of deit_tiny / deit_small / deit_base (msn src/deit.py); MLP 4 x E
 ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
@@ -118,11 +118,11 @@ class MSN(nn.Module):
             z.append(self.projector(self.encoder(torch.cat(views[2:]))))  # (F*B, D)
         return torch.cat(z), h
 
-    def update_ema(self, momentum: float) -> None:
-        """theta_t <- m theta_t + (1 - m) theta, parameters only (BN statistics of the target
-        projector come from its own forward passes, as official)."""
+    def update_ema(self, ema: float) -> None:
+        """theta_t <- ema theta_t + (1 - ema) theta, parameters only (BN statistics of the
+        target projector come from its own forward passes, as official)."""
         update_ema([(self.target_encoder, self.encoder), (self.target_projector, self.projector)],
-                   momentum)
+                   ema)
 
 
 @torch.no_grad()

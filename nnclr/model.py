@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from common.backbone import FEATURE_DIM, resnet
 from common.dist import gather_with_grad, rank
-from common.momentum import enqueue
+from common.train import enqueue
 
 
 def projection_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

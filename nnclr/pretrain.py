@@ -5,6 +5,7 @@
     python nnclr/pretrain.py --output-dir runs/nnclr/<run> --resume auto  # continue a run
     python nnclr/pretrain.py --dataset synthetic --max-epochs 2 --dev --queue-size 2048  # smoke
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,16 +16,18 @@ import torch
 from common import dist
 from common.augment import View
 from common.backbone import add_resnet_args, resolve_stem
+from common.checkpoint import Checkpoint
 from common.data import pretrain_images
+from common.device_views import BatchViews
 from common.errors import run_main
-from common.flags import (Epochs, FromRecipe, Parser, add_common_args, apply_recipe, at_least,
-                          describe_run, learning_rate_rule, parse, positive_float,
+from common.flags import (add_common_args, at_least, by_recipe, cap_queue, describe_run,
+                          fill_recipe, learning_rate_rule, parse, parser, positive,
                           resolve_learning_rate)
 from common.knn import KnnMonitor
 from common.loaders import knn_loaders, pretrain_loader
-from common.momentum import cap_queue
-from common.progress import Progress
+from common.log import Meter, RunLog
 from common.runtime import resolve_runtime, tune_process
+from common.signals import Signals
 from common.train import autocast, backward_step, warmup_cosine
 from nnclr.model import NNCLR, nnclr_loss
 
@@ -32,9 +35,9 @@ from nnclr.model import NNCLR, nnclr_loss
 # 256, 1000 epochs, LARS 0.4 per 256 images (eta 0.02, clipped), 10 warmup epochs, wd 1e-5,
 # temperature 0.2, support set 65536
 CIFAR = dict(backbone="resnet18", batch_size=256, max_epochs=1000, learning_rate=None,
-             base_learning_rate=0.4, warmup_duration=Epochs(10), weight_decay=1e-5,
-             lars_eta=0.02, hidden_dim=2048, projection_dim=256, pred_hidden_dim=4096,
-             queue_size=65536, tau=0.2)
+             base_learning_rate=0.4, warmup_epochs=10, weight_decay=1e-5, lars_eta=0.02,
+             hidden_dim=2048, projection_dim=256, pred_hidden_dim=4096, queue_size=65536,
+             tau=0.2)
 RECIPES = {
     "cifar": CIFAR,
     "stl10": CIFAR,  # no reference trains NNCLR on STL-10: the CIFAR recipe at 64 px
@@ -47,36 +50,36 @@ RECIPES = {
 
 
 def get_args(argv=None):
-    p = Parser(description="NNCLR pretraining")
+    p = parser("NNCLR pretraining")
     add_common_args(p, RECIPES, knn_temperature=0.1)
     g = p.add_argument_group("nnclr")
     add_resnet_args(g, RECIPES)
-    recipe = lambda key: FromRecipe(RECIPES, key)  # noqa: E731
-    g.add_argument("--hidden-dim", type=at_least(1), default=recipe("hidden_dim"),
-                   help="projector hidden width")
-    g.add_argument("--projection-dim", type=at_least(1), default=recipe("projection_dim"),
-                   help="embedding dim D of the projector, the predictor output and the "
-                   "support set")
-    g.add_argument("--pred-hidden-dim", type=at_least(1), default=recipe("pred_hidden_dim"),
-                   help="predictor hidden width")
-    g.add_argument("--queue-size", type=at_least(1), default=recipe("queue_size"),
-                   help="support-set size K, a multiple of the global batch. Neighbours are "
-                   "random vectors for the first K / global-batch steps: a K that needs more "
-                   "than a tenth of the run (at least an epoch) is shrunk, with a notice")
-    g.add_argument("--tau", type=positive_float, default=recipe("tau"), help="softmax "
-                   "temperature of the loss (paper 0.1). Not --temperature: that is the kNN "
-                   "monitor's (lightly's CIFAR-10 benchmark: 0.1)")
-    g.add_argument("--lars-eta", type=positive_float, default=recipe("lars_eta"),
-                   help="LARS trust coefficient (solo-learn's form); each weight matrix's LR is "
-                   "min(lr, eta x trust ratio)")
-    # resolved once, in this order: command line, recipe, then the data and the machine
-    args = parse(p, argv, "nnclr")  # a resumed run's own flags where the command line is silent
-    apply_recipe(args, RECIPES)
+    a, recipe = g.add_argument, dict(default=argparse.SUPPRESS)
+    a("--hidden-dim", type=at_least(1), **recipe,
+      help=f"projector hidden width {by_recipe(RECIPES, 'hidden_dim')}")
+    a("--projection-dim", type=at_least(1), **recipe, help="embedding dim D of the projector, "
+      f"the predictor output and the support set {by_recipe(RECIPES, 'projection_dim')}")
+    a("--pred-hidden-dim", type=at_least(1), **recipe,
+      help=f"predictor hidden width {by_recipe(RECIPES, 'pred_hidden_dim')}")
+    a("--queue-size", type=at_least(1), **recipe, help="support-set size K, a multiple of the "
+      "global batch. Neighbours are random vectors for the first K / global-batch steps: a K "
+      "that needs more than a tenth of the run (at least an epoch) is shrunk, with a notice "
+      f"{by_recipe(RECIPES, 'queue_size')}")
+    a("--tau", type=positive, **recipe, help="softmax temperature of the loss (paper 0.1). Not "
+      "--temperature: that is the kNN monitor's (lightly's CIFAR-10 benchmark: 0.1) "
+      f"{by_recipe(RECIPES, 'tau')}")
+    a("--lars-eta", type=positive, **recipe, help="LARS trust coefficient (solo-learn's form); "
+      "each weight matrix's LR is min(lr, eta x trust ratio) "
+      f"{by_recipe(RECIPES, 'lars_eta')}")
+    # resolved once, in this order: the command line (a resumed run's own flags where it is
+    # silent), the recipe, then the data and the machine
+    args = parse(p, argv, "nnclr", RECIPES)
+    fill_recipe(args, RECIPES)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2: BatchNorm and the contrastive loss need it")
     resolve_runtime(args)
     images = args.batch_size * dist.launched_world_size()
-    resolve_learning_rate(args, images)  # solo-learn's linear scaling (solo/args/pretrain.py)
+    resolve_learning_rate(p, args, images)  # solo-learn's linear scaling (solo/args/pretrain.py)
     if args.queue_size % images:
         p.error(f"--queue-size {args.queue_size} must be a multiple of the global batch "
                 f"{images} (--batch-size {args.batch_size} x {images // args.batch_size} "
@@ -113,7 +116,8 @@ class LARS(torch.optim.Optimizer):
     """LARS as solo-learn (solo/utils/lars.py, clip_lr and exclude_bias_n_norm on): a weight
     matrix (ndim > 1) steps with d = (g + wd w) min(1, eta ||w|| / (||g|| + wd ||w|| + eps) / lr),
     a 1-D parameter (bias, norm weight) with its plain gradient, no weight decay; then
-    v = 0.9 v + d, w = w - lr v. A zero ||w|| or ||g|| leaves d = g."""
+    v = 0.9 v + d, w = w - lr v. A zero ||w|| or ||g|| leaves d = g. Each line is one fused op
+    over all parameters (torch._foreach_*), as torch's own optimizers."""
 
     def __init__(self, params, lr: float, weight_decay: float, eta: float = 0.02,
                  eps: float = 1e-8):
@@ -123,20 +127,27 @@ class LARS(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
-            for w in group["params"]:
-                if w.grad is None:
-                    continue
-                d = w.grad
-                if w.ndim > 1:
-                    w_norm, g_norm = w.norm(), d.norm()
-                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
-                    scaled = (d + wd * w) * torch.clamp(trust / lr, max=1.0)
-                    d = torch.where((w_norm > 0) & (g_norm > 0), scaled, d)
-                state = self.state[w]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(w)
-                buf = state["momentum_buffer"]
-                w.add_(buf.mul_(0.9).add_(d), alpha=-lr)
+            params = [w for w in group["params"] if w.grad is not None]
+            matrices, vectors = [w for w in params if w.ndim > 1], [w for w in params if w.ndim < 2]
+            grads = [w.grad for w in matrices]
+            w_norm = torch.stack(torch._foreach_norm(matrices))  # (M,)
+            g_norm = torch.stack(torch._foreach_norm(grads))
+            trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+            # d = (g + wd w) x clipped trust / lr; where ||w|| = 0 that is g, where ||g|| = 0 it
+            # must be g = 0
+            scale = torch.where(w_norm > 0, torch.clamp(trust / lr, max=1.0), 1.0) * (g_norm > 0)
+            d = list(torch._foreach_add(grads, matrices, alpha=wd))
+            torch._foreach_mul_(d, list(scale.unbind()))
+            momentum_buffers = [self.momentum_buffer(w) for w in matrices + vectors]
+            torch._foreach_mul_(momentum_buffers, 0.9)
+            torch._foreach_add_(momentum_buffers, d + [w.grad for w in vectors])
+            torch._foreach_add_(matrices + vectors, momentum_buffers, alpha=-lr)
+
+    def momentum_buffer(self, w):
+        state = self.state[w]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(w)
+        return state["momentum_buffer"]
 
 
 def train_step(net, model, x1, x2, y, optimizer, scaler, lr, args, nn_accuracy) -> dict:
@@ -164,7 +175,7 @@ def main(argv=None):
     tune_process(args, d.rank)
 
     # ---- data: B images x 2 asymmetric views per process and step; the kNN monitor's splits
-    loader, make_views = pretrain_loader(args, pretrain_views(args), d)
+    loader, make_views = pretrain_loader(args, d), BatchViews(pretrain_views(args), d.device)
     knn_splits = knn_loaders(args, d)
     knn = KnnMonitor(knn_splits, args.num_neighbours, args.temperature, args.eval_every,
                      args.max_epochs, d, args.precision)
@@ -183,29 +194,47 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(d.device.type) if args.precision == "fp16" else None
     total = args.max_epochs * len(loader)
     warmup = int(args.warmup_duration * total)
-    images = args.batch_size * d.world_size
+    global_batch = args.batch_size * d.world_size
     dist.print0(describe_run(args))
     dist.print0(f"world size {d.world_size} | per process {args.batch_size} images x 2 views | "
-                f"global {images} images per step | {len(loader)} steps/epoch | peak lr "
-                f"{args.learning_rate:g} ({learning_rate_rule(args, images)}) | support set "
-                f"{args.queue_size} = {args.queue_size // images} steps of random vectors "
-                f"before it is full | {args.output_dir}")
+                f"global {global_batch} images per step | {len(loader)} steps/epoch | peak lr "
+                f"{args.learning_rate:g} ({learning_rate_rule(args, global_batch)}) | support "
+                f"set {args.queue_size} = {args.queue_size // global_batch} steps of random "
+                f"vectors before it is full | {args.output_dir}")
 
-    # ---- train
-    with Progress(method="nnclr", args=args, d=d, model=model, backbone=model.backbone,
-                  optimizer=optimizer, scaler=scaler, loader=loader,
-                  resume_from=args.resume) as progress:
-        if progress.fresh:
-            progress.untrained(knn(model.backbone, 0))
-        while progress.epoch < args.max_epochs:
-            for batch in progress.batches(loader):
-                (x1, x2), y = make_views(batch)  # (B, C, H, W) x 2, labels (B,)
+    # ---- train, from where last.pt stopped: epoch, batches of it done, global step
+    ckpt = Checkpoint("nnclr", args, d, model, model.backbone, optimizer, scaler,
+                      loader.generator)
+    meter = Meter(d.device)
+    epoch, batch, step = ckpt.resume(meter)  # (0, 0, 0) for a new run
+    if epoch == args.max_epochs:
+        return  # finished: resume() said so
+    with Signals(args.checkpoint_every, d) as signals, \
+            RunLog(args, d, args.resume is None, meter) as log:
+        if step == 0:
+            log.epoch({"epoch": 0, "step": 0, **knn(model.backbone, 0)})  # untrained
+        for epoch in range(epoch, args.max_epochs):
+            loader.sampler.set_epoch(epoch, skip=batch * args.batch_size)  # the rest of it
+            for images in meter.timed(log.bar(loader, epoch, batch)):
+                (x1, x2), _, y = make_views(images)  # (B, C, H, W) x 2, labels (B,)
                 x1, x2 = (x.contiguous(memory_format=memory_format) for x in (x1, x2))
-                lr = warmup_cosine(progress.step, total, warmup, args.learning_rate)
+                lr = warmup_cosine(step, total, warmup, args.learning_rate)
                 out = train_step(net, model, x1, x2, y, optimizer, scaler, lr, args,
                                  nn_accuracy)
-                progress.step_done(out)
-            progress.epoch_done(knn(model.backbone, progress.epoch + 1))
+                step, batch = step + 1, batch + 1
+                meter.add(out, step)  # summed on the device: nothing read back
+                if step % args.log_every == 0:
+                    log.step(step)
+                stop, save = signals.poll()  # a stop signal or the timer, agreed by all ranks
+                if save:
+                    ckpt.save(epoch, batch, step, meter)
+                if stop:
+                    raise signals.stopped(step, epoch, batch)
+            record = {"epoch": epoch + 1, "step": step, **meter.epoch(global_batch),
+                      **knn(model.backbone, epoch + 1)}
+            batch = 0
+            ckpt.save(epoch + 1, batch, step, meter, record)  # + backbone.pt, best.pt
+            log.epoch(record)
     dist.cleanup()
 
 

@@ -14,7 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
 
-from common.errors import PREEMPTED, run_main
+from common.errors import run_main
+
+PREEMPTED = 75  # the exit code of a run stopped by SIGTERM after its checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

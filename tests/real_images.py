@@ -77,17 +77,16 @@ def backbone_builder(method: str):
 def evaluate(build, run: Path, split: Path) -> dict:
     """kNN top-1 of the trained backbone, the untrained one (built by `build` from the run's
     args) and raw pixels."""
-    pre = json.loads((run / "args.json").read_text())
-    cfg = SimpleNamespace(**pre)
-    tf = eval_transform(cfg)
+    pretrain_args = SimpleNamespace(**json.loads((run / "args.json").read_text()))
+    tf = eval_transform(pretrain_args)
     cpu = Dist(0, 0, 1, torch.device("cpu"), True)
-    bank, test = (eval_loader(load_split(cfg, split, s, tf), 256, 0, cpu)
+    bank, test = (eval_loader(load_split(pretrain_args, split, s, tf), 256, 0, cpu)
                   for s in ("train", "test"))
     classes = num_classes(bank.dataset)
     result = {"raw pixels": knn_top1(*pixels(bank), *pixels(test), classes)}
-    torch.manual_seed(pre["seed"])
-    untrained, _ = build(pre)
-    trained, _ = build(pre)
+    torch.manual_seed(pretrain_args.seed)
+    untrained, _ = build(pretrain_args)
+    trained, _ = build(pretrain_args)
     trained.load_state_dict(torch.load(run / "backbone.pt", weights_only=True))
     for name, net in (("untrained", untrained), ("trained", trained)):
         train_f, train_y = extract_features(net, bank, torch.device("cpu"))

@@ -114,7 +114,7 @@ def main():
         if start(script, env, log).wait() != 0:
             raise SystemExit(log.read_text())
         second = log.read_text()[len(first):]
-        assert second.split("resumed ", 1)[1].splitlines()[0].endswith(f"step {step}"), second
+        assert f" at step {step} (" in second.split("resumed ", 1)[1].splitlines()[0], second
         assert (tmp / "requeues").read_text().split() == ["4242"], "requeued twice"
         a, b = (torch.load(r / "last.pt", weights_only=True)["model"]
                 for r in (tmp / "straight", run))

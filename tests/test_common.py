@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import dist
-from common.augment import MultiView, View, pil_colour, pil_view
+import torchvision.transforms as T
+
+from common.augment import View, colour_transforms
 from common.knn import accuracy, nearest, vote
 from common.synthetic import SyntheticShapes
 from common.checkpoint import load_checkpoint, save_checkpoint
 from common.errors import UserError
 from common.train import warmup_cosine
 from helpers import ROOT, fails, run_distributed
+from pil_views import MultiView, pil_view
 
 
 def test_knn_hand_checked_example():
@@ -84,7 +87,7 @@ def test_box_locates_the_crop_in_the_source_image():
     view = View(32, (0.0,) * 3, (1.0,) * 3, jitter_p=0.0, gray_p=0.0)
     torch.manual_seed(1)
     for _ in range(5):
-        x, (top, left, h, w, flipped) = pil_view(view, pil_colour(view), img)
+        x, (top, left, h, w, flipped) = pil_view(view, T.Compose(colour_transforms(view)), img)
         edges = (left / 64, (left + w) / 64)
         seen = (x[0, 16, 0].item(), x[0, 16, -1].item())
         seen = seen[::-1] if flipped else seen

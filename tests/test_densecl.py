@@ -11,12 +11,13 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from common.augment import View, pil_colour, pil_view
+from common.augment import View, colour_transforms
 from common.dist import Dist, prepare_model
 from densecl import finetune, pretrain
 from densecl import model as densecl_model
 from densecl.model import (DenseCL, SplitBatchNorm2d, densecl_loss, feature_map, match_accuracy,
                            match_locations, true_match)
+from pil_views import pil_view
 from helpers import (fails, load_into_torchvision_resnet18, read_metrics, run_distributed,
                      straight_and_resumed, use_tiny_cnn)
 
@@ -262,7 +263,7 @@ def test_true_match_agrees_with_real_view_pixels():
     torch.manual_seed(0)
     checked = 0
     for _ in range(20):
-        colour = pil_colour(view)
+        colour = torchvision.transforms.Compose(colour_transforms(view))
         (tq, bq), (tk, bk) = pil_view(view, colour, image), pil_view(view, colour, image)
         boxes = torch.tensor([bq]) / torch.tensor([size, size, size, size, 1.0])
         boxes_k = torch.tensor([bk]) / torch.tensor([size, size, size, size, 1.0])

@@ -65,7 +65,7 @@ def test_gradients_finite_on_degenerate_inputs(z):
 
 
 def test_momentum_update_is_the_ema():
-    model = MMCR(image_size=16, hidden_dims=[8], projection_dim=4, momentum=True)
+    model = MMCR(image_size=16, hidden_dims=[8], projection_dim=4, momentum_branch=True)
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(1.0)
@@ -207,7 +207,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         run_main(pretrain.main, flags)
     assert exit_info.value.code == 1
-    assert "non-finite loss at step 5" in capsys.readouterr().err
+    assert "non-finite loss at step 6" in capsys.readouterr().err  # the 6th step
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values()
                                       if v.is_floating_point())

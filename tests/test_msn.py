@@ -288,7 +288,7 @@ def test_short_run_lowers_the_loss_and_lifts_knn(tmp_path):
     # they improve. Seeds 1, 2, 3, 4, 42 gave kNN +6.3, +2.3, +4.7, +7.8, +5.5 points on one
     # thread; this test (seed 42, two threads) +3.9.
     pretrain.main(TINY + ["--dev", "1024", "--batch-size", "32", "--max-epochs", "16",
-                          "--hidden-dim", "128", "--learning-rate", "5e-4", "--ema", "0.9",
+                          "--hidden-dim", "128", "--learning-rate", "5e-4", "--ema-start", "0.9",
                           "--rand-scale", "0.6", "1", "--focal-scale", "0.3", "0.6",
                           "--num-neighbours", "10", "--eval-every", "16",
                           "--output-dir", str(tmp_path)])

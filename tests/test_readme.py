@@ -41,11 +41,7 @@ def test_readme_command_parses(script, argv, photo_folder):
     module = importlib.import_module(script[:-3].replace("/", "."))
     if "--data-dir" in argv and not Path(argv[argv.index("--data-dir") + 1]).exists():
         argv = [*argv, "--data-dir", str(photo_folder)]  # a placeholder such as /data/imagenet
-    if script.endswith("pretrain.py"):
-        module.get_args(argv)
-    else:  # a finetune.py with flags of its own has get_args
-        from common.finetune import finetune_args
-        getattr(module, "get_args", finetune_args("").parse_args)(argv)
+    module.get_args(argv)
 
 
 def real_image_commands():
@@ -69,7 +65,7 @@ def test_readme_real_image_command_parses_and_builds_its_backbone(method, flags,
         Image.new("RGB", (32, 32)).save(tmp_path / split / "a" / "0.png")
     args = importlib.import_module(f"{method}.pretrain").get_args(
         ["--dataset", "imagefolder", "--data-dir", str(tmp_path), *flags])
-    net, width = real_images.backbone_builder(method)(vars(args))
+    net, width = real_images.backbone_builder(method)(args)
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, width)
 
 
@@ -142,9 +138,7 @@ def test_official_evaluation_commands_resolve_to_the_reference_protocol(method, 
                                                                          global_batch, expected):
     world, script, argv = readme_line(comment)
     assert script == f"{method}/finetune.py"
-    module = importlib.import_module(f"{method}.finetune")
-    from common.finetune import finetune_args
-    args = getattr(module, "get_args", finetune_args("").parse_args)(argv)
+    args = importlib.import_module(f"{method}.finetune").get_args(argv)
     assert args.batch_size * world == global_batch
     assert resolved(args, expected), {k: getattr(args, k) for k in expected}
 

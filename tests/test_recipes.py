@@ -71,7 +71,7 @@ def test_a_32px_folder_gets_the_cifar_views_normalisation_and_stem(method, small
     # msn configs/pretrain/msn_vits16.yaml: ViT-S/16, 96 px focal views, AdamW 1e-3, wd 0.04
     # -> 0.4, EMA 0.996, 800 epochs, 15 warmup, 64 images per GPU, blur p 0.5
     (msn, dict(arch="vit_small", patch_size=16, focal_size=96, learning_rate=1e-3,
-               weight_decay=0.04, final_weight_decay=0.4, ema=0.996, max_epochs=800,
+               weight_decay=0.04, final_weight_decay=0.4, ema_start=0.996, max_epochs=800,
                warmup_duration=15 / 800, batch_size=64), [0.5] * 12),
 ], ids=["mmcr", "nnclr", "densecl", "msn"])
 def test_an_imagenet_size_folder_gets_the_official_imagenet_values(method, expected, blur,
@@ -116,8 +116,9 @@ def test_an_imagenet_size_folder_gets_the_official_imagenet_values(method, expec
     # facebookresearch/msn 4388dc1 configs/pretrain/msn_vits16.yaml: ViT-S, AdamW 1e-3 after 15
     # warmup epochs from 2e-4, final 1e-6, wd 0.04 -> 0.4, EMA 0.996, 800 epochs, 1024
     # prototypes, temperature 0.1, sharpening 0.25, ME-MAX 1, mask 0.15, 10 focal views, clip 3
-    (msn, dict(arch="vit_small", learning_rate=1e-3, start_lr=2e-4, final_lr=1e-6,
-               weight_decay=0.04, final_weight_decay=0.4, ema=0.996, max_epochs=800,
+    (msn, dict(arch="vit_small", learning_rate=1e-3, start_lr_ratio=2e-4 / 1e-3,
+               final_lr_ratio=1e-6 / 1e-3, weight_decay=0.04, final_weight_decay=0.4,
+               ema_start=0.996, max_epochs=800,
                warmup_duration=15 / 800, num_prototypes=1024, tau=0.1, sharpen=0.25,
                memax_weight=1.0, mask_ratio=0.15, focal_views=10, clip_grad=3.0),
      dict(jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0)),

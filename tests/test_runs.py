@@ -134,19 +134,22 @@ def test_image_folder_without_class_folders_is_one_line(tmp_path, capsys):
                           "--output-dir", str(tmp_path / "r")], capsys, "no class folders")
 
 
-def test_a_renamed_flag_names_its_new_name(tmp_path, capsys):
-    fails(pretrain.main, [*TINY, "--momentum-tau", "0.99", "--output-dir", str(tmp_path / "r")],
-          capsys, "--momentum-tau was renamed: use --ema")
+def test_a_removed_flag_says_so_in_one_line(tmp_path, capsys):
+    fails(pretrain.main, [*TINY, "--augment", "pil", "--output-dir", str(tmp_path / "r")],
+          capsys, "--augment: this flag was removed: views are always made on the training "
+          "device")
     assert not (tmp_path / "r").exists()
 
 
-def test_a_checkpoint_written_before_the_renames_resumes_and_finetunes(tmp_path, tiny, capsys):
-    # args as pretrain.py wrote them before --momentum-tau became --ema
+def test_a_checkpoint_of_an_older_version_resumes_and_finetunes(tmp_path, tiny, capsys):
+    # last.pt as the version before this one wrote it: a flag that no longer exists
+    # (--augment) in its args, and each rank's running sums without a "meter"
     flags = [*TINY, "--dev", "32", "--ema", "0.9", "--eval-every", "0",
              "--output-dir", str(tmp_path)]
     pretrain.main([*flags, "--max-epochs", "1"])
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-    ckpt["args"]["momentum_tau"] = ckpt["args"].pop("ema")
+    ckpt["args"]["augment"] = "pil"
+    ckpt["ranks"] = [{"rng": ckpt["ranks"][0]["rng"], "sums": {}, "wait": 0.0, "seconds": 0.0}]
     torch.save(ckpt, tmp_path / "last.pt")
     capsys.readouterr()
     fails(pretrain.main, [*TINY, "--dev", "32", "--eval-every", "0", "--max-epochs", "2",

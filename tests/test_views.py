@@ -1,4 +1,4 @@
-"""--augment device (common/device_views.py) against the PIL views (common/augment.py) and
+"""The device views (common/device_views.py) against the PIL views (tests/pil_views.py) and
 torchvision: the drawn parameters follow the same distributions (two-sample Kolmogorov-Smirnov
 distances over many draws), and each deterministic op matches torchvision's functional result."""
 import math
@@ -11,7 +11,8 @@ from PIL import Image
 
 from common import loaders
 from common import device_views as dv
-from common.augment import MultiView, View
+from common.augment import View
+from pil_views import MultiView
 from view_pairs import ks_distance, ks_limit
 
 MEAN, STD = (0.0,) * 3, (1.0,) * 3
@@ -33,10 +34,11 @@ def test_crop_parameters_follow_torchvision(height, width, scale):
     assert ((ours[:, 0] + ours[:, 2] <= height) & (ours[:, 1] + ours[:, 3] <= width)).all()
 
 
-def _views(view, images, with_boxes=False):
+def _views(view, images):
+    """(views, boxes) of one View of float images in [0, 1]."""
     sizes = torch.tensor([images.shape[-2:]] * images.shape[0])
     u8 = (images * 255).round().to(torch.uint8)
-    return dv.BatchViews([view], with_boxes)((u8, sizes, torch.zeros(len(u8))))[0]
+    return dv.BatchViews([view])((u8, sizes, torch.zeros(len(u8))))[:2]
 
 
 def test_flip_and_grayscale_rates_and_jitter_probability():
@@ -44,12 +46,12 @@ def test_flip_and_grayscale_rates_and_jitter_probability():
     n = 4000
     img = torch.rand(1, 3, 8, 8).expand(n, 3, 8, 8)
     view = View(8, MEAN, STD, scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.2)
-    (out,), boxes = _views(view, img, with_boxes=True)
+    (out,), boxes = _views(view, img)
     flips, grays = boxes[:, 0, 4], (out[:, 0] == out[:, 1]).all((1, 2)).float()
     for rate, p in ((flips.mean(), 0.5), (grays.mean(), 0.2)):  # 4 standard errors
         assert abs(float(rate) - p) < 4 * math.sqrt(p * (1 - p) / n)
     bright = View(8, MEAN, STD, scale=(1.0, 1.0), jitter=(0.4, 0, 0, 0), gray_p=0.0)
-    (out,) = _views(bright, torch.full((n, 3, 8, 8), 0.5))
+    (out,), _ = _views(bright, torch.full((n, 3, 8, 8), 0.5))
     factor = out.mean((1, 2, 3)) / (128 / 255)  # brightness factor, 1 where not applied
     applied = (factor - 1).abs() > 1e-3
     assert abs(float(applied.float().mean()) - 0.8) < 4 * math.sqrt(0.16 / n)
@@ -65,7 +67,8 @@ def test_views_made_together_keep_their_own_probabilities():
     make = dv.BatchViews([plain, dark, plain])
     assert len(make.groups) == 1
     images = (torch.rand(64, 3, 8, 8) * 255).to(torch.uint8)
-    (first, second, third), _ = make((images, torch.tensor([[8, 8]] * 64), torch.zeros(64)))
+    (first, second, third), _, _ = make((images, torch.tensor([[8, 8]] * 64),
+                                          torch.zeros(64)))
     for out in (first, third):  # never grayscale
         assert ((out[:, 0] - out[:, 1]).abs().amax((1, 2)) > 0.01).all()
     assert (second[:, 0] == second[:, 1]).all() and (second[:, 1] == second[:, 2]).all()
@@ -159,7 +162,7 @@ def test_boxes_locate_the_crop_and_views_follow_the_pil_pipeline():
     torch.manual_seed(1)
     ramp = torch.linspace(0, 1, 64).expand(8, 3, 64, 64)
     view = View(32, MEAN, STD, jitter_p=0.0, gray_p=0.0)
-    (out,), boxes = _views(view, ramp, with_boxes=True)
+    (out,), boxes = _views(view, ramp)
     top, left, h, w, flipped = boxes[:, 0].T
     seen = torch.where(flipped.bool()[:, None], out[:, 0, 16, [-1, 0]], out[:, 0, 16, [0, -1]])
     torch.testing.assert_close(seen, torch.stack([left, left + w], 1), atol=0.05, rtol=0)
@@ -210,7 +213,7 @@ def test_padded_images_of_different_sizes():
     assert torch.equal(batch[1, :, :40, :10], images[1]) and batch[1, :, :, 10:].sum() == 0
     torch.manual_seed(0)
     view = View(8, MEAN, STD, scale=(1.0, 1.0), jitter_p=0.0, gray_p=0.0)
-    ((out,), boxes), _ = dv.BatchViews([view], with_boxes=True)((batch, sizes, labels))
+    (out,), boxes, _ = dv.BatchViews([view])((batch, sizes, labels))
     # a 40 x 10 image has no full-area crop of ratio 3/4..4/3: the fallback stays inside it
     assert (boxes[:, 0, 0] + boxes[:, 0, 2] <= 1 + 1e-6).all()
     assert (boxes[:, 0, 1] + boxes[:, 0, 3] <= 1 + 1e-6).all()
@@ -227,7 +230,7 @@ def test_colour_before_the_crop_acts_on_each_whole_image(monkeypatch):
         torch.ones(n, dtype=torch.bool), torch.tensor([1.0, 0.5, 1.0, 0.0]).expand(n, 4),
         torch.tensor([1, 0, 2, 3]).expand(n, 4)))
     view = View(12, MEAN, STD, jitter_p=1.0, gray_p=0.0, solarize_p=1.0, colour_first=True)
-    (views, boxes), _ = dv.BatchViews([view, view], with_boxes=True)(batch)
+    views, boxes, _ = dv.BatchViews([view, view])(batch)
     for j, out in enumerate(views):
         for i, img in enumerate(images):
             x = img.float()[None] / 255

@@ -1,5 +1,5 @@
-"""NNCLR's two views of real images made by both executors, --augment pil and --augment device,
-compared as pairs: statistics of each view and the likeness of the two views of one image (in
+"""NNCLR's two views of real images made by the device executor and by the PIL reference
+(tests/pil_views.py), compared as pairs: statistics of each view and the likeness of the two views of one image (in
 pixels, and in an untrained ResNet-18's features), each a two-sample Kolmogorov-Smirnov
 distance over many draws and a difference of means in standard errors. test_views.py checks
 each op; this checks what a contrastive loss sees, the joint distribution of a pair.
@@ -21,12 +21,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from common.augment import MultiView  # noqa: E402
 from common.backbone import resnet  # noqa: E402
 from common.data import FAMILY_STATS  # noqa: E402
 from common.device_views import BatchViews  # noqa: E402
 from common.folders import is_image  # noqa: E402
 from nnclr.pretrain import pretrain_views  # noqa: E402
+from pil_views import MultiView  # noqa: E402
 
 
 def ks_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,69 @@
+"""When a run checkpoints part-way through an epoch, and when it stops: SIGTERM and SIGUSR1 (what
+SLURM, Kubernetes and `timeout` send before a kill) and SIGINT (Ctrl-C) ask it to stop, the
+--checkpoint-every timer asks for a checkpoint."""
+import os
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from common.dist import cpu_group
+from common.errors import Preempted, kill_workers
+
+EXIT_CODES = {signal.SIGTERM: 75, signal.SIGUSR1: 75, signal.SIGINT: 130}
+
+
+class Signals:
+    """Inside `with Signals(minutes, d) as signals:` a stop signal only sets a flag: the loop
+    asks poll() at each step boundary, writes last.pt and raises stopped() (exit code 75, 130
+    for Ctrl-C); a second signal ends the process at once, its loader workers with it. Under
+    torchrun every rank must checkpoint (a collective) at the same step: each step's flags are
+    all-reduced (max) on the CPU without waiting, and the result is read at the next step, so
+    the ranks agree one step after the signal and no step waits for the others."""
+
+    def __init__(self, minutes: float, d):
+        self.minutes, self.last = minutes, time.monotonic()
+        self.received, self.agreed, self.pending = 0, 0, None
+        self.group = cpu_group() if d.world_size > 1 else None
+        self.distributed = d.world_size > 1
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in EXIT_CODES}
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        if self.pending and error is None:  # every rank has the same one outstanding
+            self.pending[0].wait()
+
+    def handle(self, signum, frame):
+        if self.received:
+            kill_workers()
+            os._exit(128 + signum)
+        self.received = signum
+
+    def poll(self) -> tuple[bool, bool]:
+        """(stop, checkpoint) at this step boundary, the same on every rank: a stop signal
+        arrived (stop and checkpoint), or --checkpoint-every minutes passed (checkpoint)."""
+        due = self.minutes > 0 and time.monotonic() - self.last >= 60 * self.minutes
+        flags = torch.tensor([self.received, due], dtype=torch.int32)
+        if self.distributed:  # agree on the flags sent at the last step; send this step's
+            sent, self.pending = self.pending, (dist.all_reduce(
+                flags, dist.ReduceOp.MAX, self.group, async_op=True), flags)
+            if sent is None:
+                return False, False
+            sent[0].wait()
+            flags = sent[1]
+        self.agreed, due = flags.tolist()  # the signal number, if any rank received one
+        if self.agreed or due:
+            self.last = time.monotonic()
+        return bool(self.agreed), bool(self.agreed or due)
+
+    def stopped(self, step: int, epoch: int, batch: int) -> Preempted:
+        """The exception that ends a run stopped by a signal, after its checkpoint."""
+        code = EXIT_CODES.get(self.agreed, 75)
+        return Preempted(f"a signal arrived: last.pt holds step {step} (epoch {epoch + 1}, batch "
+                         f"{batch}); continue with the same command and --resume auto (exit "
+                         f"code {code})", code)
