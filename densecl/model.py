@@ -26,8 +26,11 @@ def feature_map(net: nn.Module, x):
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that, in training, normalises `num_splits` contiguous chunks of the batch
-    separately (MoCo's single-GPU stand-in for per-GPU BN). Running statistics are the mean
-    over the chunks. A subclass with the same tensors, so the state_dict keys stay torchvision's."""
+    separately (MoCo's single-GPU stand-in for per-GPU BN). Running statistics are the mean over
+    the chunks. On a GPU the chunks go through one call (as MoCo's SplitBatchNorm, to launch few
+    kernels); on the CPU one call per chunk is faster (no copies, channels-last kernels: 4 ms
+    against 8-34 ms a layer here). A subclass with the same tensors, so the state_dict keys stay
+    torchvision's."""
 
     def __init__(self, num_features: int, num_splits: int = 1, **kwargs):
         super().__init__(num_features, **kwargs)
@@ -37,15 +40,36 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         n = self.num_splits
         if n == 1 or not self.training:
             return super().forward(x)
-        stats = [(self.running_mean.clone(), self.running_var.clone()) for _ in range(n)]
-        y = torch.cat([F.batch_norm(chunk, mean, var, self.weight, self.bias, True,
-                                    self.momentum, self.eps)  # updates its own mean/var
-                       for chunk, (mean, var) in zip(x.chunk(n), stats)])
-        with torch.no_grad():
-            self.running_mean.copy_(torch.stack([mean for mean, _ in stats]).mean(0))
-            self.running_var.copy_(torch.stack([var for _, var in stats]).mean(0))
+        running = self.running_mean.repeat(n), self.running_var.repeat(n)  # (n*C,) each
+        normalise = split_norm_one_call if x.is_cuda else split_norm_per_chunk
+        y = normalise(x, n, running, self.weight, self.bias, self.momentum, self.eps)
+        with torch.no_grad():  # batch_norm updated each chunk's statistics in `running`
+            self.running_mean.copy_(running[0].view(n, -1).mean(0))
+            self.running_var.copy_(running[1].view(n, -1).mean(0))
             self.num_batches_tracked += 1
         return y  # (B, C, H, W) in x's memory format
+
+
+def split_norm_per_chunk(x, n: int, running: tuple, weight, bias, momentum, eps):
+    """Each of the n chunks of x (B, C, H, W) normalised by its own batch_norm call."""
+    chunks = zip(x.chunk(n), *(r.chunk(n) for r in running))
+    return torch.cat([F.batch_norm(chunk, mean, var, weight, bias, True, momentum, eps)
+                      for chunk, mean, var in chunks])
+
+
+def split_norm_one_call(x, n: int, running: tuple, weight, bias, momentum, eps):
+    """The n chunks of x (B, C, H, W) as the channels of one (B / n, n C, H, W) batch, in x's
+    memory format, through one batch_norm call."""
+    b, c, h, w = x.shape
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and \
+        c > 1 else torch.contiguous_format
+    chunks = torch.empty((b // n, n * c, h, w), dtype=x.dtype, device=x.device,
+                         memory_format=layout)
+    chunks.view(b // n, n, c, h, w).copy_(x.unflatten(0, (n, b // n)).transpose(0, 1))
+    y = F.batch_norm(chunks, *running, weight.repeat(n), bias.repeat(n), True, momentum, eps)
+    out = torch.empty_like(x)
+    out.unflatten(0, (n, b // n)).copy_(y.view(b // n, n, c, h, w).transpose(0, 1))
+    return out
 
 
 def official_init(net: nn.Module) -> nn.Module:

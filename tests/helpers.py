@@ -157,3 +157,47 @@ def resolved(args, expected: dict) -> bool:
     (strings, lists, None) exactly."""
     return {k: getattr(args, k) for k in expected} == \
         {k: pytest.approx(v) if isinstance(v, float) else v for k, v in expected.items()}
+
+
+SYNCING = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero"}
+# regions whose reads are of host tensors, not of the device: the loader decoding images on the
+# host, and torch's own optimizers reading their step counters (CPU tensors unless fused on a
+# GPU); and the one read a method's maths makes: torch checks the SVD's convergence flag
+# (MMCR's nuclear norms, as in the official code and lightly's loss)
+HOST_OR_INHERENT = ("enumerate(DataLoader)", "Optimizer.step#Adam.step",
+                    "Optimizer.step#AdamW.step", "Optimizer.step#SGD.step", "aten::linalg_svdvals")
+
+
+def profile_steps(run, train_step_owner, first: int = 2, last: int = 5):
+    """Run `run()` under torch.profiler on the CPU, each call of train_step_owner.train_step
+    marked; return, per loop iteration from the start of step `first` to that of step `last`
+    (a step, its bookkeeping and the next step's views): (aten ops called from Python or
+    autograd, {synchronising op: count} outside HOST_OR_INHERENT)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    real = train_step_owner.train_step
+
+    def marked(*args, **kwargs):
+        with record_function("train_step"):
+            return real(*args, **kwargs)
+    train_step_owner.train_step = marked
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+    finally:
+        train_step_owner.train_step = real
+    events = prof.events()
+    starts = sorted(e.time_range.start for e in events if e.name == "train_step")
+    window = [e for e in events if starts[first] <= e.time_range.start < starts[last]]
+    top = [e for e in window if e.name.startswith("aten::") and
+           not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
+    syncs = {}
+    for e in window:
+        parents, p = [], e.cpu_parent
+        while p is not None:
+            parents.append(p.name)
+            p = p.cpu_parent
+        if e.name in SYNCING and not any(p.startswith(HOST_OR_INHERENT) for p in parents):
+            key = f"{e.name} in {parents[0] if parents else 'python'}"
+            syncs[key] = syncs.get(key, 0) + 1
+    steps = last - first
+    return len(top) / steps, {k: v / steps for k, v in syncs.items()}

@@ -16,7 +16,8 @@ from common.dist import Dist, prepare_model
 from densecl import finetune, pretrain
 from densecl import model as densecl_model
 from densecl.model import (DenseCL, SplitBatchNorm2d, densecl_loss, feature_map, match_accuracy,
-                           match_locations, true_match)
+                           match_locations, split_norm_one_call, split_norm_per_chunk,
+                           true_match)
 from pil_views import pil_view
 from helpers import (fails, load_into_torchvision_resnet18, read_metrics, run_distributed,
                      straight_and_resumed, use_tiny_cnn)
@@ -158,7 +159,10 @@ def test_queue_fifo_wraparound_and_checkpoint(tmp_path):
         model.enqueue(torch.zeros(4, d), torch.zeros(4, d))
 
 
-def test_split_batchnorm_matches_per_group_formula():
+@pytest.mark.parametrize("normalise", [split_norm_per_chunk, split_norm_one_call])
+def test_split_batchnorm_matches_per_group_formula(normalise, monkeypatch):
+    # the CPU's per-chunk form and the GPU's one-call form, both run here
+    monkeypatch.setattr(densecl_model, "split_norm_per_chunk", normalise)
     torch.manual_seed(0)
     x = torch.randn(8, 3, 2, 2) * 3 + 1
     bn = SplitBatchNorm2d(3, num_splits=2)
