@@ -182,8 +182,8 @@ def parse(p, argv, method: str, recipes: dict):
     args.explicit = explicit(p, argv, args)
     args.output_dir = str(resolve_output_dir(args, method))
     resume = resume_path(args)
-    args.resume = str(resume) if resume else None
     saved = load_checkpoint(resume, method)["args"] if resume else started_with(args)
+    args.resume = str(resume) if resume else None
     flags = set(vars(args)).union(*recipes.values())  # a flag the run has, recipe flags too
     for key, value in saved.items():
         if key in flags and key not in args.explicit and key not in OF_THIS_COMMAND:

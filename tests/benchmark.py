@@ -1,21 +1,26 @@
 """Speed benchmark (not a test), every figure from one run on this machine:
 
-1. views/s of the view pipeline, --augment device against --augment pil, each as pretrain.py
-   runs it on 32 px images held in one array as CIFAR's are: PIL views in --num-workers
-   DataLoader workers, or batches sliced from the array (no workers needed) and BatchViews on
-   --device; loader and view making timed together, at the batch of the step comparison and
-   at the method's default batch, and the device's view making alone; each figure the fastest
-   of three runs of a third of --views;
+1. views/s of the view pipeline on 32 px images held in one array, as CIFAR's are: the device
+   views as pretrain.py makes them (batches sliced from the array, BatchViews on --device)
+   against the PIL views of tests/pil_views.py in --num-workers DataLoader workers (the
+   reference, and what a plain script does); loader and view making timed together, at the
+   batch of the step comparison and at the method's default batch, and the device's view
+   making alone; each figure the fastest of three runs of a third of --views;
 2. training-step images/s, ours against a peer's step on the same work: the same backbone,
    batch, views, precision and threads, inputs already in memory. The peer is the step of
    lightly's examples (examples/pytorch/<method>.py) built from lightly's heads, losses and
    memory banks; it runs when lightly is installed (pip install lightly; only for this
    benchmark, never a dependency of the scripts). Ours is the method's own train_step, timed
-   inside a real one-epoch pretrain.py run.
+   inside a real one-epoch pretrain.py run. On a GPU also at the recipe's default batch;
+3. aten ops per step (those called from Python or autograd, as torch.profiler counts them):
+   ours within train_step and for the whole loop iteration (views and bookkeeping too), beside
+   the peer's step, and our synchronising ops outside the host's own tensors (helpers.py);
+4. on a GPU: the share of our step's wall time in which the GPU runs kernels, and the peak
+   GPU memory of the run.
 The first --warmup steps of each are not timed.
 
     python tests/benchmark.py                                   # all four methods, CPU
-    python tests/benchmark.py --methods mmcr nnclr --device cuda --steps 20
+    python tests/benchmark.py --device cuda --precision bf16 --steps 20 --threads 8 --num-workers 12
 """
 import argparse
 import copy
@@ -32,13 +37,14 @@ import torch.nn as nn  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.transforms.functional import pil_to_tensor  # noqa: E402
 
-from common.augment import MultiView  # noqa: E402
 from common.backbone import resnet  # noqa: E402
 from common.loaders import ArrayImages, array_images  # noqa: E402
 from common.device_views import BatchViews  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
-from densecl.model import feature_map  # noqa: E402
 from common.runtime import keep_freed_memory  # noqa: E402
+from densecl.model import feature_map  # noqa: E402
+from helpers import profile_steps  # noqa: E402
+from pil_views import MultiView  # noqa: E402
 
 # the work of each comparison (the settings the issue measured), as pretrain.py flags
 WORK = {"mmcr": ["--batch-size", "32", "--num-views", "4", "--ema", "0.99",
@@ -87,31 +93,30 @@ def best_rate(step, batches: int, views: int, device, repeats: int = 3) -> float
 
 
 def with_boxes(module) -> bool:
-    """Whether the method's loader also gives the crop boxes (DenseCL's match accuracy)."""
+    """Whether the method's PIL reference also gives the crop boxes (DenseCL's match accuracy)."""
     return module.__name__.startswith("densecl")
 
 
-def views_per_s(module, flags, augment: str, count: int, device) -> float:
+def views_per_s(module, flags, executor: str, count: int, device) -> float:
     """Views per second of loader + view making with the method's views, `count` views in
     three timed runs after one untimed batch (worker start): PIL views in the workers, or, as
     pretrain.py does, batches sliced from the array and BatchViews on `device`."""
-    args = module.get_args([*flags, "--augment", augment])
-    views, boxes = module.pretrain_views(args), with_boxes(module)
+    args = module.get_args(flags)
+    views = module.pretrain_views(args)
     per_batch = args.batch_size * len(views)
     batches = -(-count // (3 * per_batch))
-    ds = InMemory(args.batch_size * (3 * batches + 1), MultiView(views, boxes))
-    on_device = augment == "device"
-    if on_device:  # common/loaders.py pretrain_loader: an array dataset needs no workers
+    ds = InMemory(args.batch_size * (3 * batches + 1), MultiView(views, with_boxes(module)))
+    if executor == "device":  # common/loaders.py pretrain_loader: an array needs no workers
         loader = torch.utils.data.DataLoader(array_images(ds), args.batch_size,
                                              collate_fn=ArrayImages.collate)
     else:
         loader = torch.utils.data.DataLoader(ds, args.batch_size, num_workers=args.num_workers)
-    make = BatchViews(views, boxes, device)
+    make = BatchViews(views, device)
     batch_iter = iter(loader)
 
     def next_views():
         batch = next(batch_iter)
-        return make(batch)[0] if on_device else batch[0]
+        return make(batch)[0] if executor == "device" else batch[0]
 
     next_views()
     return best_rate(next_views, batches, per_batch, device)
@@ -120,11 +125,11 @@ def views_per_s(module, flags, augment: str, count: int, device) -> float:
 def views_in_memory_per_s(module, flags, count: int, device) -> float:
     """Views per second of BatchViews alone, on one batch already on `device`: the view making
     without the loader."""
-    args = module.get_args([*flags, "--augment", "device"])
+    args = module.get_args(flags)
     views = module.pretrain_views(args)
     images, sizes, _ = array_images(InMemory(args.batch_size, None)).__getitems__(
         range(args.batch_size))
-    images, make = images.to(device), BatchViews(views, with_boxes(module), device)
+    images, make = images.to(device), BatchViews(views, device)
     labels = torch.zeros(len(images))
     per_batch = args.batch_size * len(views)
     make((images, sizes, labels))
@@ -136,6 +141,14 @@ def describe_views(module, flags) -> str:
     """'B x V views' of the method's views under `flags`."""
     args = module.get_args(flags)
     return f"{args.batch_size} x {len(module.pretrain_views(args))}"
+
+
+def run_flags(module, flags, steps: int, warmup: int, out: str) -> list:
+    """pretrain.py flags of a one-epoch run of steps + warmup steps that neither logs nor
+    evaluates."""
+    batch = module.get_args(flags).batch_size
+    return [*flags, "--max-epochs", "1", "--eval-every", "0", "--log-every", "1000",
+            "--checkpoint-every", "0", "--dev", str((steps + warmup) * batch), "--output-dir", out]
 
 
 def ours_images_per_s(module, flags, steps: int, warmup: int, device) -> float:
@@ -151,20 +164,71 @@ def ours_images_per_s(module, flags, steps: int, warmup: int, device) -> float:
         return out
 
     module.train_step = timed
-    batch = module.get_args(flags).batch_size
-    with tempfile.TemporaryDirectory() as out:
-        module.main([*flags, "--max-epochs", "1", "--eval-every", "0", "--log-every", "1000",
-                     "--dev", str((steps + warmup) * batch), "--output-dir", out])
-    module.train_step = real
-    return steps * batch / sum(times[warmup:])
-
-
-def peer_images_per_s(method, flags, steps: int, warmup: int, device) -> float | None:
-    """Images/s of lightly's example-style step on the same work, or None without lightly."""
     try:
-        import lightly  # noqa: F401
+        with tempfile.TemporaryDirectory() as out:
+            module.main(run_flags(module, flags, steps, warmup, out))
+    finally:
+        module.train_step = real
+    return steps * module.get_args(flags).batch_size / sum(times[warmup:])
+
+
+def ours_profile(module, flags, device) -> dict:
+    """profile_steps of a short real run (ops per step, syncs), and on a GPU the share of the
+    steps' wall time with a kernel running and the run's peak GPU memory. DenseCL's split
+    BatchNorm is counted in the form a GPU runs (one call; per chunk on the CPU)."""
+    import densecl.model
+    per_chunk = densecl.model.split_norm_per_chunk
+    densecl.model.split_norm_per_chunk = densecl.model.split_norm_one_call
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            found = profile_steps(lambda: module.main(run_flags(module, flags, 6, 2, out)),
+                                  module)
+    finally:
+        densecl.model.split_norm_per_chunk = per_chunk
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        found["gpu_busy"] = gpu_busy(module, flags)
+        found["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return found
+
+
+def gpu_busy(module, flags, steps: int = 6) -> float:
+    """Share of the wall time of `steps` steady-state loop iterations (train_step start to
+    train_step start) in which the GPU runs a kernel, from torch.profiler's CUDA trace."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    real = module.train_step
+
+    def marked(*args, **kwargs):
+        with record_function("train_step"):
+            return real(*args, **kwargs)
+    module.train_step = marked
+    try:
+        with tempfile.TemporaryDirectory() as out, \
+                profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            module.main(run_flags(module, flags, steps + 1, 3, out))
+    finally:
+        module.train_step = real
+    events = prof.events()
+    starts = sorted(e.time_range.start for e in events if e.name == "train_step")[3:]
+    begin, end = starts[0], starts[-1]
+    kernels = [e.time_range for e in events if e.device_type.name == "CUDA"
+               and begin <= e.time_range.start < end]
+    busy, reach = 0.0, begin  # the union of the kernels' intervals
+    for start, stop in sorted((k.start, k.end) for k in kernels):
+        busy += max(0.0, min(stop, end) - max(start, reach))
+        reach = max(reach, stop)
+    return busy / (end - begin)
+
+
+def have_lightly() -> bool:
+    try:
+        return importlib.import_module("lightly") is not None
     except ImportError:
-        return None
+        return False
+
+
+def peer_images_per_s(method, flags, steps: int, warmup: int, device) -> float:
+    """Images/s of lightly's example-style step on the same work."""
     args = importlib.import_module(f"{method}.pretrain").get_args(flags)
     step, inputs = PEERS[method](args, device)
     for _ in range(warmup):
@@ -175,6 +239,20 @@ def peer_images_per_s(method, flags, steps: int, warmup: int, device) -> float |
         step(inputs)
     sync(device)
     return steps * args.batch_size / (time.perf_counter() - start)
+
+
+def peer_ops(method, flags, device, steps: int = 3) -> float:
+    """aten ops per step of lightly's example-style step (called from Python or autograd)."""
+    from torch.profiler import ProfilerActivity, profile
+    step, inputs = PEERS[method](importlib.import_module(f"{method}.pretrain").get_args(flags),
+                                 device)
+    step(inputs)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(inputs)
+    return sum(e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name
+                                                      .startswith("aten::"))
+               for e in prof.events()) / steps
 
 
 class Trunk(nn.Module):
@@ -340,21 +418,31 @@ def main():
                   bench.precision, "--threads", str(bench.threads), "--num-workers",
                   str(bench.num_workers)]
         flags = [*common, *WORK[method]]
+        works = [(" ".join(WORK[method]), flags)]
+        if device.type == "cuda":  # the recipe's default batch (MMCR: 64 x 16 views)
+            works.append(("default batch", common))
         for batch, batch_flags in (("step's batch", flags), ("default batch", common)):
-            rates = {a: views_per_s(module, batch_flags, a, bench.views, device)
-                     for a in ("pil", "device")}
+            rates = {e: views_per_s(module, batch_flags, e, bench.views, device)
+                     for e in ("pil", "device")}
             alone = views_in_memory_per_s(module, batch_flags, bench.views, device)
             print(f"{method:8s} views/s  device {rates['device']:8.0f}  pil "
                   f"{rates['pil']:8.0f}  ratio {rates['device'] / rates['pil']:5.2f}   "
                   f"without the loader {alone:8.0f}   "
                   f"({batch}: {describe_views(module, batch_flags)})")
-        ours = ours_images_per_s(module, [*flags, "--num-workers", "0"], bench.steps,
-                                 bench.warmup, device)
-        peer = peer_images_per_s(method, flags, bench.steps, bench.warmup, device)
-        work = " ".join(WORK[method])
-        versus = "lightly not installed" if peer is None else \
-            f"peer {peer:7.1f}  ratio {ours / peer:5.2f}"
-        print(f"{method:8s} step images/s  ours {ours:7.1f}  {versus}   ({work})")
+        for work, work_flags in works:
+            ours = ours_images_per_s(module, [*work_flags, "--num-workers", "0"], bench.steps,
+                                     bench.warmup, device)
+            versus = "lightly not installed"
+            if have_lightly():
+                peer = peer_images_per_s(method, work_flags, bench.steps, bench.warmup, device)
+                versus = f"peer {peer:7.1f}  ratio {ours / peer:5.2f}"
+            print(f"{method:8s} step images/s  ours {ours:7.1f}  {versus}   ({work})")
+        found = ours_profile(module, [*flags, "--num-workers", "0"], device)
+        peer = f"  peer's step {peer_ops(method, flags, device):6.0f}" if have_lightly() else ""
+        gpu = f"   GPU busy {found['gpu_busy']:.0%} of the step, peak {found['peak_gb']:.1f} " \
+            "GB" if "gpu_busy" in found else ""
+        print(f"{method:8s} aten ops per step  ours {found['step_ops']:6.0f} (loop with views "
+              f"{found['loop_ops']:6.0f}){peer}   syncs {found['syncs'] or 'none'}{gpu}")
 
 
 if __name__ == "__main__":

@@ -168,11 +168,12 @@ HOST_OR_INHERENT = ("enumerate(DataLoader)", "Optimizer.step#Adam.step",
                     "Optimizer.step#AdamW.step", "Optimizer.step#SGD.step", "aten::linalg_svdvals")
 
 
-def profile_steps(run, train_step_owner, first: int = 2, last: int = 5):
+def profile_steps(run, train_step_owner, first: int = 2, last: int = 5) -> dict:
     """Run `run()` under torch.profiler on the CPU, each call of train_step_owner.train_step
-    marked; return, per loop iteration from the start of step `first` to that of step `last`
-    (a step, its bookkeeping and the next step's views): (aten ops called from Python or
-    autograd, {synchronising op: count} outside HOST_OR_INHERENT)."""
+    marked. Per loop iteration from the start of step `first` to that of step `last` (a step,
+    its bookkeeping and the next step's views): "loop_ops" and, within train_step, "step_ops",
+    the aten ops called from Python or autograd, less the loader's (it decodes on the host);
+    "syncs" {synchronising op: count} outside HOST_OR_INHERENT."""
     from torch.profiler import ProfilerActivity, profile, record_function
     real = train_step_owner.train_step
 
@@ -186,18 +187,20 @@ def profile_steps(run, train_step_owner, first: int = 2, last: int = 5):
     finally:
         train_step_owner.train_step = real
     events = prof.events()
-    starts = sorted(e.time_range.start for e in events if e.name == "train_step")
-    window = [e for e in events if starts[first] <= e.time_range.start < starts[last]]
-    top = [e for e in window if e.name.startswith("aten::") and
-           not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))]
-    syncs = {}
+    marks = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if e.name == "train_step")
+    window = [e for e in events if marks[first][0] <= e.time_range.start < marks[last][0]]
+    steps, found = last - first, {"loop_ops": 0, "step_ops": 0, "syncs": {}}
     for e in window:
         parents, p = [], e.cpu_parent
         while p is not None:
             parents.append(p.name)
             p = p.cpu_parent
+        if e.name.startswith("aten::") and not (parents and parents[0].startswith("aten::")) \
+                and not any(p.startswith("enumerate(DataLoader)") for p in parents):
+            found["loop_ops"] += 1 / steps
+            found["step_ops"] += any(a <= e.time_range.start < b for a, b in marks) / steps
         if e.name in SYNCING and not any(p.startswith(HOST_OR_INHERENT) for p in parents):
             key = f"{e.name} in {parents[0] if parents else 'python'}"
-            syncs[key] = syncs.get(key, 0) + 1
-    steps = last - first
-    return len(top) / steps, {k: v / steps for k, v in syncs.items()}
+            found["syncs"][key] = found["syncs"].get(key, 0) + 1 / steps
+    return found

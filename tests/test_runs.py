@@ -1,6 +1,13 @@
-"""A run as a user meets it, through MMCR's scripts and the shared loop (common/loop.py,
-common/finetune.py, common/data.py): what is printed, what is written, what is refused."""
+"""A run as a user meets it, through MMCR's scripts and common/ (flags, checkpoint, log,
+signals, finetune, data): what is printed, what is written, what is refused."""
+import importlib
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from common import backbone
 from common.checkpoint import load_checkpoint
 from common.errors import run_main
-from helpers import read_metrics, use_tiny_cnn
+from helpers import ROOT, read_metrics, use_tiny_cnn
 from mmcr import finetune, pretrain
 from mmcr import model as mmcr_model
 
@@ -163,13 +170,17 @@ def test_a_checkpoint_of_an_older_version_resumes_and_finetunes(tmp_path, tiny, 
 
 
 def test_a_start_over_moves_the_earlier_logs_aside(tmp_path, tiny, capsys):
-    flags = [*TINY, "--dev", "16", "--max-epochs", "1", "--eval-every", "0",
+    flags = [*TINY, "--dev", "16", "--max-epochs", "1", "--eval-every", "0", "--num-views", "3",
              "--output-dir", str(tmp_path)]
     pretrain.main(flags)
     for name in ("last.pt", "backbone.pt"):  # as a run killed before its first checkpoint
         (tmp_path / name).unlink()
-    pretrain.main([*flags, "--resume", "auto"])
-    assert "starting over, its logs moved to" in capsys.readouterr().out
+    capsys.readouterr()
+    pretrain.main(["--output-dir", str(tmp_path), "--resume", "auto"])  # README's line
+    out = capsys.readouterr().out
+    assert "starting over with the flags of its args.json" in out  # not the defaults
+    assert "starting over, its logs moved to" in out
+    assert json.loads((tmp_path / "args.json").read_text())["num_views"] == 3
     assert [r["epoch"] for r in read_metrics(tmp_path)] == [1]  # one run, not two
     (aside,) = tmp_path.glob("stopped-*")
     assert len(read_metrics(aside)) == 1 and (aside / "args.json").is_file()
@@ -268,3 +279,143 @@ def test_dev_samples_every_class_of_a_sorted_folder(tmp_path, tiny, capsys):
     out = capsys.readouterr().out
     # the first 8 in class order would all be class a
     assert "--dev: a fixed sample of 8 of 32 images, 4 classes" in out, out
+
+
+def test_resume_auto_without_a_run_says_it_starts_a_new_one(tmp_path, tiny, capsys):
+    pretrain.main([*TINY, "--dev", "16", "--max-epochs", "1", "--eval-every", "0",
+                   "--output-dir", str(tmp_path / "new"), "--resume", "auto"])
+    assert "holds no run to resume; starting a new one" in capsys.readouterr().out
+    assert (tmp_path / "new" / "last.pt").is_file()
+
+
+def test_ctrl_c_checkpoints_at_the_step_and_exits_130(tmp_path, tiny, monkeypatch, capsys):
+    step, calls = pretrain.train_step, []
+
+    def interrupted(*args):  # Ctrl-C arrives during the third step
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+    monkeypatch.setattr(pretrain, "train_step", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(pretrain.main, [*TINY, "--dev", "64", "--max-epochs", "1", "--eval-every", "0",
+                                 "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert "last.pt holds step 3 (epoch 1, batch 3)" in capsys.readouterr().err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_finished_run_says_so_and_keeps_its_record(tmp_path, tiny, capsys):
+    flags = [*TINY, "--dev", "16", "--max-epochs", "1", "--eval-every", "0",
+             "--output-dir", str(tmp_path)]
+    pretrain.main(flags)
+    record = (tmp_path / "args.json").read_text()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    pretrain.main(["--output-dir", str(tmp_path), "--resume", "auto", "--num-workers", "1"])
+    assert "has finished all 1 epochs: nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "args.json").read_text() == record  # the first record, as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no new event file
+
+
+def test_a_changed_data_dir_on_resume_is_refused(tmp_path, tiny, capsys):
+    root = _class_folders(tmp_path / "data")
+    flags = ["--dataset", "imagefolder", "--batch-size", "4", "--num-views", "2",
+             "--num-workers", "0", "--max-epochs", "1", "--eval-every", "0", "--output-dir",
+             str(tmp_path / "run")]
+    pretrain.main([*flags, "--data-dir", str(root)])
+    other = _class_folders(tmp_path / "other", classes=("a", "b"))
+    capsys.readouterr()
+    fails(pretrain.main, [*flags, "--data-dir", str(other), "--max-epochs", "2", "--resume",
+                          "auto"], capsys, f"--data-dir: the checkpoint has {root}")
+
+
+SCRIPTS = [f"{m}.{s}" for m in ("mmcr", "nnclr", "densecl", "msn")
+           for s in ("pretrain", "finetune")]
+
+
+def float_flags(script: str, monkeypatch) -> list:
+    """(flag, number of values) of each flag of `script` that takes numbers with a fraction:
+    its parser, caught as get_args builds it (--help exits before anything runs)."""
+    from common import flags
+    made = []
+    real = flags.parser
+    module = importlib.import_module(script)
+    monkeypatch.setattr(module if hasattr(module, "parser") else flags, "parser",
+                        lambda *a: made.append(real(*a)) or made[-1])
+    monkeypatch.setattr(importlib.import_module("common.finetune"), "parser",
+                        lambda *a: made.append(real(*a)) or made[-1])
+    with pytest.raises(SystemExit):
+        module.get_args(["--help"])
+    return [(a.option_strings[0], a.nargs if isinstance(a.nargs, int) else 1)
+            for a in made[0]._actions if getattr(a.type, "__name__", "") == "float"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_nan_and_inf_in_any_float_flag_are_one_line(script, monkeypatch, capsys):
+    main = importlib.import_module(script).main
+    found = float_flags(script, monkeypatch)
+    assert len(found) >= 4, found  # the learning rate, weight decay, ...
+    capsys.readouterr()
+    for flag, values in found:
+        for value in ("nan", "inf"):
+            argv = [flag, *[value] * values]
+            if script.endswith("finetune"):
+                argv = ["--checkpoint", "x.pt", *argv]
+            fails(main, argv, capsys, f"{flag}: must be a finite number")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ema", "1.5"], "--ema: must be below 1 (got 1.5)"),
+    (["--warmup-duration", "2"], "--warmup-duration: must be at most 1 (got 2)"),
+    (["--optimizer", "adam", "--lars-eta", "0.01"], "--lars-eta does not apply here"),
+    (["--learning-rate", "0.1", "--base-learning-rate", "0.2"], "not both"),
+])
+def test_values_out_of_range_or_unused_are_refused(flags, message, tmp_path, capsys):
+    fails(pretrain.main, [*TINY, *flags, "--output-dir", str(tmp_path / "r")], capsys, message)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-views", "pretrain", "--crop-interpolation", "bicubic"], "--crop-interpolation"),
+    (["--lr-steps", "30", "40"], "--lr-steps does not apply here"),
+    (["--finetune-type", "backbone+linear", "--linear-bn", "train"], "--linear-bn"),
+])
+def test_finetune_flags_that_do_not_apply_are_refused(pretrained, flags, message, capsys):
+    fails(finetune.main, ["--checkpoint", str(pretrained / "last.pt"), *flags], capsys, message)
+
+
+SLOW_RUN = """
+import sys, time
+sys.path.insert(0, {root!r})
+from common.errors import run_main
+from mmcr import pretrain
+step = pretrain.train_step
+
+def slow(*args):
+    time.sleep(0.5)
+    return step(*args)
+pretrain.train_step = slow
+run_main(pretrain.main)
+"""
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path, capsys):
+    script, run = tmp_path / "slow.py", tmp_path / "run"
+    script.write_text(SLOW_RUN.format(root=str(ROOT)))
+    flags = [*TINY, "--dev", "64", "--max-epochs", "2", "--eval-every", "0", "--output-dir",
+             str(run), "--checkpoint-every", "0.001"]
+    first = subprocess.Popen([sys.executable, str(script), *flags], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (run / "last.pt").exists():  # training, and written a checkpoint
+            assert first.poll() is None
+            time.sleep(0.1)
+        fails(pretrain.main, [*flags, "--resume", "auto"], capsys,
+              f"another process (pid {first.pid}) is writing {run}")
+    finally:
+        first.kill()  # SIGKILL: the kernel releases its lock
+        first.wait()
+    pretrain.main([*flags, "--resume", "auto"])
+    assert read_metrics(run)[-1]["epoch"] == 2

@@ -26,5 +26,5 @@ def test_a_step_that_does_not_log_reads_nothing_back(method, tmp_path, monkeypat
     if method != "msn":
         use_tiny_cnn(monkeypatch, importlib.import_module(f"{method}.model"))
     flags = [*QUIET, *METHODS[method], "--output-dir", str(tmp_path)]
-    ops, syncs = profile_steps(lambda: pretrain.main(flags), pretrain)
-    assert syncs == {} and ops > 0, syncs
+    found = profile_steps(lambda: pretrain.main(flags), pretrain)
+    assert found["syncs"] == {} and found["step_ops"] > 0, found
