@@ -3,12 +3,16 @@ makes the views of a pretraining batch on the training device; view_transform (h
 View as a torchvision pipeline of one PIL image, for finetune's training images, and
 tests/pil_views.py makes pretraining views with it as the reference the device views are tested
 against. Also the deterministic evaluation transform."""
+import math
 from dataclasses import dataclass
 
 import torchvision.transforms as T
 
 INTERPOLATION = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 BLUR_SIGMA = (0.1, 2.0)  # Gaussian blur sigma ~ U(0.1, 2.0), as BYOL and MoCo v2
+# taps of the blur kernel: +-3 sigma of the widest blur, whatever the view's size (the official
+# views blur with PIL, whose Gaussian has no size limit): 13
+BLUR_TAPS = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
 
 
 @dataclass(frozen=True)
@@ -33,11 +37,6 @@ class View:
         for name in ("mean", "std", "scale", "jitter"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
 
-    @property
-    def blur_kernel(self) -> int:
-        """About 10% of the image, odd."""
-        return self.size // 20 * 2 + 1
-
 
 def colour_transforms(view: View) -> list:
     """The colour ops of `view` as torchvision transforms of a PIL image (those with a chance)."""
@@ -47,7 +46,7 @@ def colour_transforms(view: View) -> list:
     if view.gray_p > 0:
         ops.append(T.RandomGrayscale(view.gray_p))
     if view.blur_p > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(view.blur_kernel, BLUR_SIGMA)], view.blur_p))
+        ops.append(T.RandomApply([T.GaussianBlur(BLUR_TAPS, BLUR_SIGMA)], view.blur_p))
     if view.solarize_p > 0:  # PIL uint8 image: threshold 128 is the usual "> half"
         ops.append(T.RandomSolarize(128, p=view.solarize_p))
     return ops

@@ -12,12 +12,11 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from common.augment import BLUR_SIGMA, View
+from common.augment import BLUR_SIGMA, BLUR_TAPS, View
 
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 HUE_OFFSETS = (5.0, 3.0, 1.0)  # R, G, B: see shift_hue
 RADIUS = {"bilinear": 1.0, "bicubic": 2.0}  # support of PIL's filters, in source pixels
-BLUR_TAPS = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # +-3 sigma of the widest blur: 13
 
 
 @functools.cache
@@ -211,15 +210,16 @@ def blend(x, keep, gray_weight, mean_weight, valid=None):
 
 
 def gaussian_blur(x, sigma, taps: int = BLUR_TAPS):
-    """Per-image Gaussian blur (reflect padding) as one grouped conv per axis; sigma (N,), 0
-    for no blur (the kernel is then the identity). x (N, C, H, W)."""
+    """Per-image Gaussian blur as one grouped conv per axis, the edge pixels extended as PIL's
+    blur (the official views') extends them; sigma (N,), 0 for no blur (the kernel is then the
+    identity). x (N, C, H, W)."""
     n, c, h, w = x.shape
     half = (taps - 1) / 2
     t = torch.linspace(-half, half, taps, device=x.device)
     k = torch.exp(-0.5 * (t / sigma[:, None].clamp(min=1e-6)) ** 2)  # (N, taps); 0 -> delta
     k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C, taps)
     pad = taps // 2
-    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="reflect")
+    y = F.pad(x.reshape(1, n * c, h, w), (pad, pad, pad, pad), mode="replicate")
     y = F.conv2d(y, k[:, None, :, None], groups=n * c)
     y = F.conv2d(y, k[:, None, None, :], groups=n * c)
     return y.reshape(n, c, h, w)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.backbone import FEATURE_DIM, resnet
-from common.dist import gather, gather_with_grad
+from common.dist import gather, gather_with_grad, rank
 from common.train import update_ema
 
 
@@ -62,7 +62,17 @@ def nuclear_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(x).sum(-1)
 
 
-def mmcr_loss(z: torch.Tensor, z_momentum: torch.Tensor | None = None, lmbda: float = 0.0):
+def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 in which only this rank's own rows carry gradient: the others'
+    are gathered without it and this rank's slice is put back (the official ImageNet code,
+    mmcr/imagenet/loss_mmcr_momentum.py)."""
+    everyone = gather(x.detach())
+    n = x.shape[0]
+    return torch.cat([everyone[:rank() * n], x, everyone[(rank() + 1) * n:]])
+
+
+def mmcr_loss(z: torch.Tensor, z_momentum: torch.Tensor | None = None, lmbda: float = 0.0,
+              local_gradient: bool = False):
     """MMCR objective  L = -||C||_* + lmbda * mean_b ||Z_b||_*  over the global batch.
 
     z:          (B, V, D) online embeddings of V views of B images (any scale: each view is
@@ -72,13 +82,18 @@ def mmcr_loss(z: torch.Tensor, z_momentum: torch.Tensor | None = None, lmbda: fl
                 term uses the online views only.
     C = (N, D) centroids, not re-normalised; Z_b = (V, D) views of image b.
 
-    Under DDP the views are gathered with gradient before the SVD, so ||C||_* spans all N
-    images on every rank (as official); gather_with_grad makes the gradient independent of the
-    world size (official code lets it shrink by 1/world size). Runs in float32, autocast off
-    (svdvals has no half-precision kernels). Returns (loss, detached diagnostics).
+    Under DDP the views of all ranks are gathered before the SVD, so ||C||_* spans all N
+    images on every rank (as official). By default with gradient (gather_with_grad): after
+    DDP's averaging each rank holds the gradient of L, whatever the world size. With
+    `local_gradient`, as the official ImageNet code, only this rank's rows carry gradient:
+    after DDP's averaging that is 1/world size of it (LARS rescales weight matrices, so only the
+    1-D parameters, which step with their plain gradient, take steps 1/world size as long).
+    Runs in float32, autocast off (svdvals has no half-precision kernels). Returns (loss,
+    detached diagnostics).
     """
+    gather_views = gather_local_grad if local_gradient else gather_with_grad
     with torch.autocast(z.device.type, enabled=False):
-        z = gather_with_grad(F.normalize(z.float(), dim=-1))  # (N, V, D)
+        z = gather_views(F.normalize(z.float(), dim=-1))  # (N, V, D)
         c = z.mean(1)  # (N, D)
         if z_momentum is not None:
             c = 0.5 * (c + gather(F.normalize(z_momentum.float(), dim=-1)).mean(1))

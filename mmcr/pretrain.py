@@ -35,20 +35,22 @@ from mmcr.model import MMCR, mmcr_loss
 CIFAR = dict(backbone="resnet18", batch_size=64, num_views=16, max_epochs=500,
              optimizer="adam", learning_rate=1e-3, base_learning_rate=None, warmup_duration=0.1,
              final_lr_ratio=0.0, weight_decay=1e-6, lars_eta=1e-3, hidden_dim=[512],
-             projection_dim=128, ema=None, zero_init_residual=False)
+             projection_dim=128, ema=None, zero_init_residual=False, local_gradient=False)
 RECIPES = {
     "cifar": CIFAR,
     "stl10": CIFAR,  # with the official STL-10 views (colour before the crop)
     # official ImageNet at HEAD (ThomasYerxa/mmcr fafd3a9: pretrain_imagenet.py,
     # mmcr/imagenet/train.py): ResNet-50, 2 views, LARS 0.6 per 256 images, 10 warmup epochs
     # then cosine to 0.001 x peak, 100 epochs, momentum branch 0.99, projector 8192-8192-512,
-    # zero-init residuals; 128 images per GPU (16 GPUs: the official global batch of 2048).
-    # (the earlier official defaults, 287db45: --num-views 8 --base-learning-rate 0.8)
+    # zero-init residuals, the loss's gradient through this rank's embeddings only
+    # (mmcr/imagenet/loss_mmcr_momentum.py); 128 images per GPU (16 GPUs: the official global
+    # batch of 2048). (the earlier official defaults, 287db45: --num-views 8
+    # --base-learning-rate 0.8)
     "imagenet": dict(backbone="resnet50", batch_size=128, num_views=2, max_epochs=100,
                      optimizer="lars", learning_rate=None, base_learning_rate=0.6,
                      warmup_epochs=10, final_lr_ratio=0.001, weight_decay=1e-6,
                      lars_eta=1e-3, hidden_dim=[8192, 8192], projection_dim=512,
-                     ema=0.99, zero_init_residual=True),
+                     ema=0.99, zero_init_residual=True, local_gradient=True),
 }
 
 
@@ -81,6 +83,12 @@ def get_args(argv=None):
     a("--zero-init-residual", action=argparse.BooleanOptionalAction, **recipe,
       help="zero-initialise the last BN of each residual block "
       f"{by_recipe(RECIPES, 'zero_init_residual')}")
+    a("--local-gradient", action=argparse.BooleanOptionalAction, **recipe, help="under "
+      "torchrun, the loss's gradient flows only through this rank's embeddings, the others' "
+      "gathered without it (the official ImageNet code): each step is 1/world size of the "
+      "global loss's gradient (LARS rescales weight matrices; the 1-D parameters step that "
+      "much shorter); --no-local-gradient: the global loss's own gradient "
+      f"{by_recipe(RECIPES, 'local_gradient')}")
     a("--lmbda", type=at_least(0, float), default=0.0, help="weight of the local nuclear-norm "
       "term (official default 0)")
     # resolved once, in this order: the command line (a resumed run's own flags where it is
@@ -121,7 +129,7 @@ def train_step(net, model, x, optimizer, scaler, lr, args) -> dict:
         group["lr"] = lr
     with autocast(args.precision, x.device):
         z, z_momentum = net(x, args.num_views)
-    loss, logs = mmcr_loss(z, z_momentum, args.lmbda)
+    loss, logs = mmcr_loss(z, z_momentum, args.lmbda, args.local_gradient)
     backward_step(loss, optimizer, scaler)
     if args.ema is not None:
         model.update_ema(args.ema)

@@ -41,11 +41,12 @@ CIFAR = dict(backbone="resnet18", batch_size=256, max_epochs=1000, learning_rate
 RECIPES = {
     "cifar": CIFAR,
     "stl10": CIFAR,  # no reference trains NNCLR on STL-10: the CIFAR recipe at 64 px
-    # the paper's ImageNet values (ResNet-50, lr 0.3 per 256 images, wd 1e-6, 1000 epochs,
-    # 10 warmup, temperature 0.1, support set 98304; global batch 4096) with solo-learn's
-    # LARS; 256 images per process (16 processes: the paper's 4096)
-    "imagenet": dict(CIFAR, backbone="resnet50", base_learning_rate=0.3, weight_decay=1e-6,
-                     queue_size=98304, tau=0.1),
+    # solo-learn's ImageNet-100 recipe (scripts/pretrain/imagenet-100/nnclr.yaml): ResNet-18,
+    # 64 images per GPU on 2 GPUs (global batch 128), LARS 0.4 per 256 images (eta 0.02,
+    # clipped), wd 1e-5, 400 epochs, 10 warmup epochs, temperature 0.2, support set 65536;
+    # the paper's own ImageNet run (ResNet-50, batch 4096, SimCLR's LARS at 0.3 per 256, wd
+    # 1e-6, 1000 epochs, temperature 0.1, support set 98304) used another LARS than this one
+    "imagenet": dict(CIFAR, batch_size=64, max_epochs=400),
 }
 
 

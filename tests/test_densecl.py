@@ -399,3 +399,10 @@ def test_short_run_lowers_the_losses_and_lifts_knn_and_matching(tmp_path, monkey
     assert last["knn_top1"] > records[0]["knn_top1"] + 5.0, records  # 10 classes
     # the dense branch learns correspondences: chance is 1/16 on the 4x4 map
     assert last["match_acc"] > first["match_acc"] + 0.02 and last["match_acc"] > 0.15
+
+
+def test_the_probe_starts_from_the_official_classifier():
+    # WXinlong/DenseCL b64bbb6 openselfsup/models/heads/cls_head.py: normal_init(std=0.01)
+    torch.manual_seed(0)
+    fc = finetune.classifier(2048, 1000)
+    assert fc.bias.abs().sum() == 0 and abs(float(fc.weight.std()) - 0.01) < 1e-4

@@ -97,6 +97,46 @@ def test_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(grad2, grad1)
 
 
+def _bias_updates(rank, world, x):
+    """The update of a 1-D parameter (a Linear head's bias: LARS steps it with its plain
+    gradient) in one LARS step after DDP's gradient average, for the loss with the global
+    gradient, with `local_gradient`, and for the official ImageNet gather written out here:
+    the other ranks' normalised views gathered without gradient, this rank's own put back."""
+    n = x.shape[0] // world
+    updates = {}
+    for form in ("global", "local", "official"):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(x.shape[-1], 6)
+        z = head(x[rank * n:(rank + 1) * n])  # (n, V, 6)
+        if form == "official":
+            z = torch.nn.functional.normalize(z, dim=-1)
+            parts = [torch.zeros_like(z) for _ in range(world)]
+            if world > 1:
+                torch.distributed.all_gather(parts, z.detach().contiguous())
+            parts[rank] = z
+            loss = -torch.linalg.svdvals(torch.cat(parts).mean(1)).sum()
+        else:
+            loss, _ = mmcr_loss(z, local_gradient=form == "local")
+        loss.backward()
+        for p in head.parameters():  # DDP: the mean over ranks
+            p.grad = dist.all_reduce_mean(p.grad) if world > 1 else p.grad
+        before = head.bias.detach().clone()
+        pretrain.LARS(head.parameters(), lr=1.0, weight_decay=1e-6, eta=1e-3).step()
+        updates[form] = head.bias.detach() - before
+    return updates
+
+
+def test_local_gradient_steps_a_1d_parameter_as_the_official_imagenet_code(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 2, 10, generator=g)  # 8 images x 2 views
+    one = _bias_updates(0, 1, x)
+    assert all(torch.allclose(one[form], one["global"]) for form in one)  # one process: alike
+    for ranks in run_distributed(_bias_updates, 2, tmp_path, x):
+        torch.testing.assert_close(ranks["local"], ranks["official"])
+        torch.testing.assert_close(ranks["global"], one["global"])  # whatever the world size
+        torch.testing.assert_close(ranks["local"], one["global"] / 2)  # 1/world size of it
+
+
 def test_pretrain_then_finetune_end_to_end(tmp_path, capsys):
     # pretrain.py as a user runs it (a file from the repository root), finetune in-process:
     # a second subprocess would spend most of its time importing torch
@@ -198,8 +238,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypat
     real_loss = pretrain.mmcr_loss
     calls = []
 
-    def nan_in_second_epoch(z, z_momentum, lmbda):
-        loss, logs = real_loss(z, z_momentum, lmbda)
+    def nan_in_second_epoch(z, z_momentum, lmbda, local_gradient):
+        loss, logs = real_loss(z, z_momentum, lmbda, local_gradient)
         calls.append(1)
         return (loss * float("nan"), logs) if len(calls) == 6 else (loss, logs)
 

@@ -57,12 +57,14 @@ def test_a_32px_folder_gets_the_cifar_views_normalisation_and_stem(method, small
     (mmcr, dict(backbone="resnet50", num_views=2, optimizer="lars", base_learning_rate=0.6,
                 lars_eta=0.001, weight_decay=1e-6, max_epochs=100, warmup_duration=0.1,
                 final_lr_ratio=0.001, ema=0.99, hidden_dim=[8192, 8192],
-                projection_dim=512, zero_init_residual=True, batch_size=128), [1.0, 0.1]),
-    # NNCLR paper: ResNet-50, lr 0.3 x batch / 256, wd 1e-6, 1000 epochs, 10 warmup,
-    # temperature 0.1, support set 98304; solo-learn's ImageNet-100 blur 1.0 / 0.1
-    (nnclr, dict(backbone="resnet50", base_learning_rate=0.3, weight_decay=1e-6,
-                 max_epochs=1000, warmup_duration=0.01, tau=0.1, queue_size=98304),
-     [1.0, 0.1]),
+                projection_dim=512, zero_init_residual=True, batch_size=128,
+                local_gradient=True), [1.0, 0.1]),
+    # vturrisi/solo-learn 9187ea3 scripts/pretrain/imagenet-100/nnclr.yaml: ResNet-18, 64 per
+    # GPU (2 GPUs), LARS lr 0.4 x batch / 256 (eta 0.02), wd 1e-5, 400 epochs, 10 warmup,
+    # temperature 0.2, queue 65536; imagenet-100/augmentations/asymmetric.yaml blur 1.0 / 0.1
+    (nnclr, dict(backbone="resnet18", batch_size=64, base_learning_rate=0.4, lars_eta=0.02,
+                 weight_decay=1e-5, max_epochs=400, warmup_duration=10 / 400, tau=0.2,
+                 queue_size=65536), [1.0, 0.1]),
     # densecl configs/selfsup/densecl/densecl_imagenet_200ep.py: ResNet-50, SGD 0.03 per 256
     # images, wd 1e-4, EMA 0.999, queue 65536, 200 epochs, blur p 0.5
     (densecl, dict(backbone="resnet50", base_learning_rate=0.03, weight_decay=1e-4, ema=0.999,
@@ -92,7 +94,8 @@ def test_an_imagenet_size_folder_gets_the_official_imagenet_values(method, expec
     (mmcr, dict(backbone="resnet18", batch_size=64, num_views=16, optimizer="adam",
                 learning_rate=1e-3, weight_decay=1e-6, warmup_duration=0.1, final_lr_ratio=0.0,
                 max_epochs=500, hidden_dim=[512], projection_dim=128, ema=None, lmbda=0.0,
-                zero_init_residual=False, num_neighbours=200, temperature=0.5),
+                zero_init_residual=False, num_neighbours=200, temperature=0.5,
+                local_gradient=False),
      dict(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0,
           solarize_p=0.0, interpolation="bilinear")),
     # vturrisi/solo-learn 9187ea3 scripts/pretrain/cifar/nnclr.yaml, asymmetric.yaml: ResNet-18,
