@@ -99,20 +99,6 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([rows[:n] for rows, n in zip(gather(padded).split(max(counts)), counts)])
 
 
-_cpu_group = None
-
-
-def cpu_group():
-    """A gloo group of all ranks for small agreements on the CPU (a stop flag) that need no
-    CUDA synchronisation; the default group when it is gloo already (None)."""
-    global _cpu_group
-    if dist.get_backend() == "gloo":
-        return None
-    if _cpu_group is None:
-        _cpu_group = dist.new_group(backend="gloo")
-    return _cpu_group
-
-
 @torch.no_grad()
 def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Rank `src`'s x on every rank (in place), no gradient; e.g. one shared random permutation."""

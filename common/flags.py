@@ -1,14 +1,9 @@
 """Flags: a plain argparse parser with one-line errors, number types that refuse nan and
-out-of-range values, the flags every pretrain.py shares, and the functions that resolve them.
-
-A script's flags are resolved once, in its get_args(), in one order: the command line (and for
-a resumed run its own saved flags where the command line is silent), then the recipe (a plain
-dict of the method's defaults for one family of data), then what depends on the data and the
-machine. A flag that a recipe sets has no argparse default (argparse.SUPPRESS): it is absent
-from `args` until fill_recipe() puts the recipe's value there, and its help lists the value of
-every recipe. After get_args() nothing changes `args`; it is what args.json and every checkpoint
-hold, and what finetune.py reads back.
-"""
+out-of-range values, the flags every pretrain.py shares, and the functions that resolve them,
+once, in each get_args(): the command line (for a resumed run, its own flags where the command
+line is silent), then the recipe (a dict of a method's defaults for one family of data), then
+the data and the machine. A flag a recipe sets has no argparse default: it is absent from
+`args` until fill_recipe() sets it, and its help lists every recipe's value."""
 import argparse
 import json
 import math
@@ -172,12 +167,11 @@ def add_machine_args(p) -> None:
 
 
 def parse(p, argv, method: str, recipes: dict):
-    """The command line, resolved where a run goes: --output-dir (for --resume auto the newest
-    run of `method`), --resume (the checkpoint to continue, or None), args.explicit (the flags
-    the command line gave). A resumed run takes every flag the command line leaves unset from
-    its checkpoint (or, killed before its first checkpoint, from its args.json), except those
-    of this machine, so `--output-dir RUN --resume auto` alone continues RUN as it was started;
-    a flag that contradicts the checkpoint is refused later, naming both values."""
+    """The command line with --output-dir (for --resume auto the newest run of `method`),
+    --resume (the checkpoint to continue, or None) and args.explicit (the flags it gave). A
+    resumed run takes each flag the command line leaves unset from its checkpoint (or its
+    args.json, killed before a checkpoint), except this machine's: `--output-dir RUN --resume
+    auto` alone continues RUN as started. A contradicting flag is refused later."""
     args = p.parse_args(argv)
     args.explicit = explicit(p, argv, args)
     args.output_dir = str(resolve_output_dir(args, method))
@@ -192,17 +186,16 @@ def parse(p, argv, method: str, recipes: dict):
 
 
 def explicit(p, argv, args) -> list:
-    """The flags the command line gave, sorted: parsed again into a namespace that already holds
-    every attribute, which argparse then leaves alone unless the command line sets it."""
+    """The flags the command line gave, sorted: argparse leaves the attributes a namespace
+    already holds alone unless the command line sets them."""
     unset = object()
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     return sorted(k for k, v in vars(given).items() if v is not unset)
 
 
 def started_with(args) -> dict:
-    """For --resume auto where the run left no last.pt (killed in its first epoch): the flags
-    of its args.json, so it starts over as it was started; {} and a notice when there is no
-    run to resume."""
+    """For --resume auto where the run left no last.pt: the flags of its args.json, so it
+    starts over as it was started; {} and a notice when there is no run to resume."""
     record = Path(args.output_dir) / "args.json"
     if args.resume != "auto":
         return {}
@@ -231,9 +224,8 @@ def fill_recipe(args, recipes: dict) -> None:
 
 
 def share_of_run(epochs: float, max_epochs: int) -> float:
-    """A recipe's warmup in epochs as a fraction of the run. The references' warmups (10 or 15
-    epochs) are written for runs of 100-1000 epochs: in a short run they would take the whole
-    run, so they are capped at a tenth of it, with a notice (give the flag to keep more)."""
+    """A recipe's warmup in epochs as a fraction of the run, at most a tenth of it (with a
+    notice): the references' 10 or 15 epochs are meant for runs of 100-1000 epochs."""
     share = epochs / max_epochs
     if share <= 0.1:
         return share
@@ -252,9 +244,8 @@ def refuse_unused(args, unused: dict) -> None:
 
 
 def resolve_learning_rate(p, args, global_batch: int) -> None:
-    """--learning-rate is the peak lr as used; unset, it is --base-learning-rate x global batch
-    / 256. A --base-learning-rate on the command line wins over a recipe's --learning-rate; both
-    on the command line is refused."""
+    """--learning-rate is the peak lr as used; unset, --base-learning-rate x global batch / 256
+    (which, on the command line, wins over a recipe's --learning-rate; not both given)."""
     if {"base_learning_rate", "learning_rate"} <= set(args.explicit):
         p.error("give --learning-rate (the peak) or --base-learning-rate (per 256 images), "
                 "not both")
@@ -264,27 +255,10 @@ def resolve_learning_rate(p, args, global_batch: int) -> None:
         args.learning_rate = args.base_learning_rate * global_batch / 256
 
 
-def learning_rate_rule(args, global_batch: int) -> str:
-    """How the peak lr came about, for the start line."""
-    if getattr(args, "base_learning_rate", None) is None or "learning_rate" in args.explicit:
-        return "as given, not batch-scaled"
-    return f"base {args.base_learning_rate:g} x {global_batch} / 256"
-
-
 def cap_queue(size: int, limit: int, flag: str, why: str) -> int:
     """`size`, or `limit` (a multiple of the global batch) when `size` is larger, with a notice
-    that gives `why`. (A limit of 0, less than one global batch of data, is left to the loader
-    to refuse.)"""
+    saying `why`; a limit of 0 (less data than a global batch) is the loader's to refuse."""
     if size <= limit or limit == 0:
         return size
     print0(f"notice: {flag} {size} {why}: using {limit}")
     return limit
-
-
-def describe_run(args) -> str:
-    """For the start of a run: every flag as resolved, sorted, then one line with the recipe
-    family and what the command line changed."""
-    changed = ", ".join("--" + k.replace("_", "-") for k in args.explicit) or "nothing"
-    flags = "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items()))
-    return (f"{flags}\nrecipe {args.recipe} ({args.dataset}, {args.image_size} px, mean "
-            f"{args.mean}, std {args.std}); set on the command line: {changed}")

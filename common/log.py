@@ -1,6 +1,6 @@
-"""What a run records: the Meter of each step's values (kept on the device), and the RunLog of
-its directory: args.json, TensorBoard events, metrics.jsonl, the progress bar and the epoch
-lines, and the lock that keeps a second process from writing the same run."""
+"""What a run records: the Meter of each step's values (kept on the device), the RunLog of its
+directory (args.json, TensorBoard, metrics.jsonl, the progress bar and the epoch lines, and
+the lock that keeps a second process out), and the lines printed at the start."""
 import fcntl
 import json
 import math
@@ -19,11 +19,10 @@ NEVER = 2**62  # the first non-finite step of a value that never was
 
 
 class Meter:
-    """The values each train_step returns, summed on the device so that a step reads nothing
-    back (six small tensor ops a step): the latest step's read every --log-every steps
-    (latest()), NaN/inf looked for before every log line and checkpoint (check()), averaged
-    over the epoch and the ranks at its end (epoch()). Python floats (the lr) are summed on the
-    host. It also times the epoch: in all, and waiting for the loader (timed())."""
+    """The values each train_step returns, summed on the device (a few small ops a step, no
+    read): read every --log-every steps (latest()), checked for NaN/inf before each log line
+    and checkpoint (check()), averaged over the epoch and the ranks at its end (epoch()).
+    Python floats (the lr) are summed on the host. It also times the epoch (timed())."""
 
     def __init__(self, device):
         self.device = device
@@ -35,8 +34,7 @@ class Meter:
         self.count, self.wait, self.seconds = 0, 0.0, 0.0
 
     def timed(self, batches):
-        """The batches of `batches`, the time spent waiting for each added to `wait`, all the
-        time of the loop to `seconds`."""
+        """`batches`, timed: the wait for each into `wait`, the whole loop into `seconds`."""
         mark = time.perf_counter()
         for batch in batches:
             now = time.perf_counter()
@@ -63,8 +61,7 @@ class Meter:
         self.last, self.count = x, self.count + 1
 
     def check(self) -> None:
-        """Raise NonFiniteLoss naming the values and the first step that went NaN/inf (one
-        read from the device)."""
+        """NonFiniteLoss naming the values and the first step that went NaN/inf (one read)."""
         if self.first_bad is None:
             return
         first = self.first_bad.tolist()
@@ -78,9 +75,8 @@ class Meter:
         return {**dict(zip(self.keys, self.last.tolist())), **self.latest_host}
 
     def epoch(self, images_per_step: int) -> dict:
-        """The epoch's record: the mean of each value over its steps and the ranks, the speed
-        (images/s in all and of the steps alone), the time waiting for data and the peak
-        memory; then the meter starts the next epoch."""
+        """The epoch's record (each value's mean over steps and ranks, images/s in all and of
+        the steps alone, the wait for data, peak memory); then the next epoch starts."""
         self.check()
         n = max(1, self.count)
         host = torch.tensor(list(self.host.values()), device=self.device)
@@ -116,15 +112,13 @@ def non_finite(terms: list, step: int) -> NonFiniteLoss:
 
 
 class RunLog:
-    """The run directory as people read it, written by rank 0 (on other ranks every method
-    does nothing): args.json, the flags of the command that started the run (written once, so
-    a resume never rewrites the record); TensorBoard events; metrics.jsonl, one line per epoch;
-    the progress bar and one printed line per epoch. The directory is locked for the run's
-    life (released by the kernel when the process dies, so a crash never blocks a resume): a
-    second process writing the same run is refused in one line. A `fresh` run in a directory
-    that holds another run's logs (one that stopped before its first checkpoint) moves them
-    aside first. With the run's `meter`, a crash inside the `with` block that follows a
-    non-finite step (an SVD of NaNs) is reported as that step."""
+    """The run directory as people read it, written by rank 0 (elsewhere a no-op): args.json,
+    the flags that started the run (written once: a resume keeps the record), TensorBoard
+    events, metrics.jsonl (a line per epoch), the progress bar and a printed line per epoch.
+    The directory is locked while the run lives (the kernel releases it when the process dies):
+    a second writer is refused. A `fresh` run moves an earlier run's logs aside (one that
+    stopped before its first checkpoint). A crash in the `with` block after a non-finite step
+    (an SVD of NaNs) is reported as that step of `meter`."""
 
     def __init__(self, args, d, fresh: bool, meter: Meter | None = None):
         self.args, self.is_main, self.meter = args, d.is_main, meter
@@ -160,16 +154,14 @@ class RunLog:
         return self.progress
 
     def step(self, step: int) -> None:
-        """The meter's latest values, read from the device (the only read on most steps), into
-        TensorBoard (train/) and the progress bar."""
+        """The meter's latest values (read from the device) into TensorBoard and the bar."""
         values = self.meter.latest()
         self.scalars(step, values, "train")
         self.progress.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values.get('lr', 0):.2e}")
 
     def epoch(self, record: dict, prefix: str = "epoch") -> None:
         """An epoch's record into metrics.jsonl, TensorBoard (kNN results under knn/, the rest
-        under `prefix`/) and one printed line. Epoch 0 is the untrained network's kNN, left out
-        when there is none (unlabelled data, --eval-every 0)."""
+        under `prefix`/) and a printed line; epoch 0 (the untrained kNN) only when it has one."""
         if record["epoch"] == 0 and not any(k.startswith("knn_") for k in record):
             return
         if self.jsonl:
@@ -190,8 +182,8 @@ class RunLog:
 
 
 def lock(path: Path):
-    """An exclusive lock on `path` (holding this process's id) for as long as the returned file
-    stays open; one error line if another process holds it."""
+    """An exclusive lock on `path` (which holds this process's id) while the returned file is
+    open; one error line if another process holds it."""
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -207,8 +199,8 @@ def lock(path: Path):
 
 
 def set_aside(out_dir: Path) -> None:
-    """Move the logs of an earlier run in `out_dir` into out_dir/stopped-<time>/, with a notice,
-    so that a new start never appends to them."""
+    """Move an earlier run's logs into out_dir/stopped-<time>/ (with a notice): a new start
+    never appends to them."""
     old = [p for p in out_dir.glob("*") if p.name in ("args.json", "metrics.jsonl")
            or p.name.startswith("events.out.tfevents")]
     if not old:
@@ -219,6 +211,22 @@ def set_aside(out_dir: Path) -> None:
         p.rename(aside / p.name)
     print(f"notice: {out_dir} holds the logs of a run that left no last.pt (it stopped before "
           f"its first checkpoint): starting over, its logs moved to {aside}", flush=True)
+
+
+def describe_run(args) -> str:
+    """For the start of a run: every flag as resolved, sorted, then one line with the recipe
+    family and what the command line changed."""
+    changed = ", ".join("--" + k.replace("_", "-") for k in args.explicit) or "nothing"
+    flags = "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items()))
+    return (f"{flags}\nrecipe {args.recipe} ({args.dataset}, {args.image_size} px, mean "
+            f"{args.mean}, std {args.std}); set on the command line: {changed}")
+
+
+def learning_rate_rule(args, global_batch: int) -> str:
+    """How the peak lr came about, for the start line."""
+    if getattr(args, "base_learning_rate", None) is None or "learning_rate" in args.explicit:
+        return "as given, not batch-scaled"
+    return f"base {args.base_learning_rate:g} x {global_batch} / 256"
 
 
 def summary(record: dict) -> str:

@@ -8,7 +8,6 @@ import time
 import torch
 import torch.distributed as dist
 
-from common.dist import cpu_group
 from common.errors import Preempted, kill_workers
 
 EXIT_CODES = {signal.SIGTERM: 75, signal.SIGUSR1: 75, signal.SIGINT: 130}
@@ -25,8 +24,9 @@ class Signals:
     def __init__(self, minutes: float, d):
         self.minutes, self.last = minutes, time.monotonic()
         self.received, self.agreed, self.pending = 0, 0, None
-        self.group = cpu_group() if d.world_size > 1 else None
-        self.distributed = d.world_size > 1
+        self.distributed = d.world_size > 1  # then a gloo group: the flags stay on the CPU
+        self.group = dist.new_group(backend="gloo") if self.distributed and \
+            dist.get_backend() != "gloo" else None
 
     def __enter__(self):
         self.previous = {sig: signal.signal(sig, self.handle) for sig in EXIT_CODES}

@@ -19,12 +19,11 @@ from common.backbone import add_resnet_args, resolve_stem
 from common.checkpoint import Checkpoint
 from common.device_views import BatchViews
 from common.errors import run_main
-from common.flags import (add_common_args, at_least, by_recipe, describe_run, fill_recipe,
-                          learning_rate_rule, momentum, parse, parser, positive, refuse_unused,
-                          resolve_learning_rate)
+from common.flags import (add_common_args, at_least, by_recipe, fill_recipe, momentum, parse,
+                          parser, positive, refuse_unused, resolve_learning_rate)
 from common.knn import KnnMonitor
 from common.loaders import knn_loaders, pretrain_loader
-from common.log import Meter, RunLog
+from common.log import Meter, RunLog, describe_run, learning_rate_rule
 from common.runtime import resolve_runtime, tune_process
 from common.signals import Signals
 from common.train import autocast, backward_step, warmup_cosine

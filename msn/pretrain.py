@@ -21,11 +21,11 @@ from common.augment import View
 from common.checkpoint import Checkpoint
 from common.device_views import BatchViews
 from common.errors import run_main
-from common.flags import (add_common_args, at_least, by_recipe, describe_run, fill_recipe,
-                          fraction, momentum, number, parse, parser, positive)
+from common.flags import (add_common_args, at_least, by_recipe, fill_recipe, fraction, momentum,
+                          number, parse, parser, positive)
 from common.knn import KnnMonitor
 from common.loaders import knn_loaders, pretrain_loader
-from common.log import Meter, RunLog
+from common.log import Meter, RunLog, describe_run
 from common.runtime import resolve_runtime, tune_process
 from common.signals import Signals
 from common.train import autocast, backward_step

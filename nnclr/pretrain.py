@@ -20,12 +20,11 @@ from common.checkpoint import Checkpoint
 from common.data import pretrain_images
 from common.device_views import BatchViews
 from common.errors import run_main
-from common.flags import (add_common_args, at_least, by_recipe, cap_queue, describe_run,
-                          fill_recipe, learning_rate_rule, parse, parser, positive,
-                          resolve_learning_rate)
+from common.flags import (add_common_args, at_least, by_recipe, cap_queue, fill_recipe, parse,
+                          parser, positive, resolve_learning_rate)
 from common.knn import KnnMonitor
 from common.loaders import knn_loaders, pretrain_loader
-from common.log import Meter, RunLog
+from common.log import Meter, RunLog, describe_run, learning_rate_rule
 from common.runtime import resolve_runtime, tune_process
 from common.signals import Signals
 from common.train import autocast, backward_step, warmup_cosine

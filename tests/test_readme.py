@@ -97,38 +97,42 @@ OFFICIAL_EVALUATIONS = [
     ("mmcr", "the official CIFAR/STL probe", 1024,
      dict(optimizer="adam", learning_rate=0.1, weight_decay=1e-6, max_epochs=50,
           schedule="cosine", warmup_duration=0, linear_bn="train", train_views="pretrain",
-          finetune_type="linear")),
+          finetune_type="linear", precision="fp32")),
     # linear_classifier_imagenet.py + mmcr/imagenet/train_linear_classifier.py: SGD momentum
-    # 0.9, lr 0.3, wd 1e-6, batch 2048, 100 epochs, cosine, bicubic crops, BN in train mode
+    # 0.9, lr 0.3, wd 1e-6, batch 2048, 100 epochs, cosine, bicubic crops, BN in train mode,
+    # no autocast
     ("mmcr", "the official ImageNet probe", 2048,
      dict(optimizer="sgd", learning_rate=0.3, weight_decay=1e-6, max_epochs=100,
           schedule="cosine", warmup_duration=0, linear_bn="train", crop_interpolation="bicubic",
-          train_views="crop-flip")),
+          train_views="crop-flip", precision="fp32")),
     # bartoszzuk/mmcr 5eb4c13: Adam 1e-2, wd 1e-6, 50 epochs, 10% warmup, batch 1024 (README),
-    # SSL views, BN in train mode
+    # SSL views, BN in train mode, Lightning's default precision (32)
     ("mmcr", "the playground's probe", 1024,
      dict(optimizer="adam", learning_rate=1e-2, weight_decay=1e-6, max_epochs=50,
-          warmup_duration=0.1, linear_bn="train", train_views="pretrain")),
+          warmup_duration=0.1, linear_bn="train", train_views="pretrain", precision="fp32")),
     # facebookresearch/msn 4388dc1 linear_eval.py, lineval_msn_vits16.yaml, README (4 nodes x 8
     # tasks): Nesterov SGD lr 6.4 (not scaled), wd 0, 256 per GPU, 100 epochs, cosine, no
-    # warmup, last block's class token, bilinear crops
+    # warmup, last block's class token, bilinear crops, autocast with a gradient scaler (fp16)
     ("msn", "the official linear evaluation", 8192,
      dict(features="last-block", optimizer="nesterov", learning_rate=6.4, weight_decay=0,
           max_epochs=100, schedule="cosine", warmup_duration=0, crop_interpolation="bilinear",
-          linear_bn="frozen")),
+          linear_bn="frozen", precision="fp16")),
     ("msn", "the same on one GPU", 256,
      dict(features="last-block", optimizer="nesterov", learning_rate=6.4 * 256 / 8192,
-          weight_decay=0, max_epochs=100, warmup_duration=0)),
+          weight_decay=0, max_epochs=100, warmup_duration=0, precision="fp16")),
     # vturrisi/solo-learn 9187ea3 scripts/linear/imagenet-100/nnclr.yaml: SGD lr 0.3, wd 0,
-    # batch 256, 100 epochs, x 0.1 at 60 and 80, frozen BN
+    # batch 256, 100 epochs, x 0.1 at 60 and 80, frozen BN, precision 16; its DALI loader crops
+    # bicubically (solo/data/dali_dataloader.py, INTERP_CUBIC)
     ("nnclr", "solo-learn's linear evaluation", 256,
      dict(optimizer="sgd", learning_rate=0.3, weight_decay=0, max_epochs=100, schedule="step",
-          lr_steps=[60, 80], linear_bn="frozen", crop_interpolation="bilinear")),
+          lr_steps=[60, 80], linear_bn="frozen", crop_interpolation="bicubic",
+          precision="fp16")),
     # WXinlong/DenseCL b64bbb6 configs/benchmarks/linear_classification/imagenet/r50_last.py:
-    # SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, steps at 60 and 80, frozen BN
+    # SGD lr 30, momentum 0.9, wd 0, batch 256, 100 epochs, steps at 60 and 80, frozen BN, fp32
     ("densecl", "the official linear benchmark", 256,
      dict(optimizer="sgd", learning_rate=30, weight_decay=0, max_epochs=100, schedule="step",
-          lr_steps=[60, 80], linear_bn="frozen", crop_interpolation="bilinear")),
+          lr_steps=[60, 80], linear_bn="frozen", crop_interpolation="bilinear",
+          precision="fp32")),
 ]
 
 
@@ -154,21 +158,30 @@ OFFICIAL_RUNS = [
           warmup_duration=0, final_lr_ratio=1, weight_decay=1e-6, max_epochs=500,
           precision="fp32", hidden_dim=[512], projection_dim=128, ema=None)),
     # pretrain_imagenet.py at fafd3a9: batch 2048 on 4 nodes x 4 GPUs, n_aug 2, lr 0.6 x 2048 /
-    # 256; at 287db45: n_aug 8, lr 0.8
+    # 256; at 287db45: n_aug 8, lr 0.8; mmcr/imagenet/train.py: Composer's precision "amp"
+    # (fp16 with loss scaling); loss_mmcr_momentum.py: the other ranks' embeddings gathered
+    # without gradient
     ("mmcr", "the official ImageNet run", 2048,
      dict(backbone="resnet50", stem="imagenet", num_views=2, optimizer="lars",
-          learning_rate=0.6 * 2048 / 256, ema=0.99, max_epochs=100)),
+          learning_rate=0.6 * 2048 / 256, ema=0.99, max_epochs=100, precision="fp16",
+          local_gradient=True)),
     ("mmcr", "the 8-view ImageNet run", 2048,
-     dict(num_views=8, learning_rate=0.8 * 2048 / 256)),
-    # the NNCLR paper: batch 4096, lr 0.3 x 4096 / 256, temperature 0.1, support set 98,304
-    ("nnclr", "the paper's ImageNet values", 4096,
-     dict(backbone="resnet50", learning_rate=0.3 * 4096 / 256, tau=0.1, queue_size=98304)),
-    # WXinlong/DenseCL b64bbb6 densecl_imagenet_200ep.py: 8 GPUs x 32, lr 0.03, EMA 0.999
+     dict(num_views=8, learning_rate=0.8 * 2048 / 256, precision="fp16")),
+    # vturrisi/solo-learn 9187ea3 scripts/pretrain/imagenet-100/nnclr.yaml: 2 GPUs x 64, LARS
+    # lr 0.4 x 128 / 256, temperature 0.2, queue 65,536, 400 epochs, precision 16
+    ("nnclr", "solo-learn's ImageNet-100 run", 128,
+     dict(backbone="resnet18", learning_rate=0.4 * 128 / 256, tau=0.2, queue_size=65536,
+          max_epochs=400, precision="fp16")),
+    # WXinlong/DenseCL b64bbb6 densecl_imagenet_200ep.py: 8 GPUs x 32, lr 0.03, EMA 0.999, no
+    # fp16 config (fp32)
     ("densecl", "the official ImageNet recipe", 256,
-     dict(backbone="resnet50", learning_rate=0.03, ema=0.999, queue_size=65536, max_epochs=200)),
-    # facebookresearch/msn 4388dc1 msn_vits16.yaml: 64 per GPU on 16 GPUs, lr 1e-3 (no rule)
+     dict(backbone="resnet50", learning_rate=0.03, ema=0.999, queue_size=65536, max_epochs=200,
+          precision="fp32")),
+    # facebookresearch/msn 4388dc1 msn_vits16.yaml: 64 per GPU on 16 GPUs, lr 1e-3 (no rule),
+    # use_fp16: false
     ("msn", "the official ViT-S/16 run", 1024,
-     dict(arch="vit_small", patch_size=16, learning_rate=1e-3, max_epochs=800)),
+     dict(arch="vit_small", patch_size=16, learning_rate=1e-3, max_epochs=800,
+          precision="fp32")),
 ]
 
 

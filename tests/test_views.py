@@ -1,6 +1,7 @@
-"""The device views (common/device_views.py) against the PIL views (tests/pil_views.py) and
-torchvision: the drawn parameters follow the same distributions (two-sample Kolmogorov-Smirnov
-distances over many draws), and each deterministic op matches torchvision's functional result."""
+"""The device views (common/device_views.py, common/crops.py) against the PIL views
+(tests/pil_views.py) and torchvision: the drawn parameters follow the same distributions (two-
+sample Kolmogorov-Smirnov distances over many draws), and each deterministic op matches
+torchvision's functional result."""
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from common import loaders
+from common import crops
 from common import device_views as dv
 from common.augment import View
 from pil_views import MultiView
@@ -23,7 +25,7 @@ MEAN, STD = (0.0,) * 3, (1.0,) * 3
 def test_crop_parameters_follow_torchvision(height, width, scale):
     torch.manual_seed(0)
     n = 6000
-    ours = torch.stack(dv.crop_params(torch.tensor([[height, width]] * n), scale), 1)
+    ours = torch.stack(crops.crop_params(torch.tensor([[height, width]] * n), scale), 1)
     img = torch.zeros(3, height, width)
     ref = torch.tensor([T.RandomResizedCrop.get_params(img, scale, (3 / 4, 4 / 3))
                         for _ in range(n)], dtype=torch.float32)  # (top, left, h, w)
@@ -154,7 +156,7 @@ def test_crop_flip_grayscale_match_torchvision_and_pil(box, size, mode):
     torch.manual_seed(0)
     img = TF.gaussian_blur(torch.rand(3, 64, 64), [7, 7], [2.0, 2.0])  # smooth content
     top, left, h, w = (torch.tensor([float(v)]) for v in box)
-    ours = dv.resized_crop(img[None], top, left, h, w, torch.tensor([1.0]), size, mode)[0]
+    ours = crops.resized_crop(img[None], top, left, h, w, torch.tensor([1.0]), size, mode)[0]
     ours = dv.gray(ours[None])[0].expand(3, -1, -1)
     interpolation = T.InterpolationMode(mode)
     ref = TF.resized_crop(img, *box, [size, size], interpolation, antialias=True)
@@ -163,7 +165,7 @@ def test_crop_flip_grayscale_match_torchvision_and_pil(box, size, mode):
     # PIL rounds its fixed-point weights and rounds to uint8 between its passes
     pil = Image.fromarray((img * 255).round().byte().permute(1, 2, 0).numpy())
     u8 = TF.pil_to_tensor(TF.resized_crop(pil, *box, [size, size], interpolation)).float()
-    ours = dv.resized_crop((img * 255).round()[None] / 255, top, left, h, w,
+    ours = crops.resized_crop((img * 255).round()[None] / 255, top, left, h, w,
                            torch.tensor([0.0]), size, mode)[0]
     gap = (ours * 255 - u8).abs()  # in uint8 steps
     assert float(gap.max()) <= 1.5 and float(gap.mean()) <= 0.5
@@ -257,7 +259,7 @@ def test_colour_before_the_crop_acts_on_each_whole_image(monkeypatch):
             h, w = img.shape[1:]
             box = (boxes[i, j, :4] * torch.tensor([h, w, h, w])).round()[:, None]
             flip = boxes[i, j, 4:]
-            crop = lambda y: dv.resized_crop(y, *box, flip, 12)  # noqa: E731
+            crop = lambda y: crops.resized_crop(y, *box, flip, 12)  # noqa: E731
             expected = crop(dv.solarize(TF.adjust_contrast(x, 0.5)))
             torch.testing.assert_close(out[i:i + 1], expected, atol=2e-6, rtol=0)
             after = dv.solarize(TF.adjust_contrast(crop(x), 0.5))  # colour after the crop

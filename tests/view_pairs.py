@@ -1,8 +1,9 @@
 """NNCLR's two views of real images made by the device executor and by the PIL reference
-(tests/pil_views.py), compared as pairs: statistics of each view and the likeness of the two views of one image (in
-pixels, and in an untrained ResNet-18's features), each a two-sample Kolmogorov-Smirnov
-distance over many draws and a difference of means in standard errors. test_views.py checks
-each op; this checks what a contrastive loss sees, the joint distribution of a pair.
+(tests/pil_views.py), compared as pairs: statistics of each view and the likeness of the two
+views of one image (in pixels, and in an untrained ResNet-18's features), each a two-sample
+Kolmogorov-Smirnov distance over many draws and a difference of means in standard errors.
+test_views.py checks each op; this checks what a contrastive loss sees, the joint distribution
+of a pair.
 
     python tests/view_pairs.py                                   # the shared CIFAR-10 images
     python tests/view_pairs.py --data-dir DIR --images 500 --draws 8
