@@ -43,7 +43,7 @@ from common.device_views import BatchViews  # noqa: E402
 from common.synthetic import SyntheticShapes  # noqa: E402
 from common.runtime import keep_freed_memory  # noqa: E402
 from densecl.model import feature_map  # noqa: E402
-from helpers import profile_steps  # noqa: E402
+from helpers import marked_steps, profile_steps  # noqa: E402
 from pil_views import MultiView  # noqa: E402
 
 # the work of each comparison (the settings the issue measured), as pretrain.py flags
@@ -187,7 +187,11 @@ def ours_profile(module, flags, device) -> dict:
         densecl.model.split_norm_per_chunk = per_chunk
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        found["gpu_busy"] = gpu_busy(module, flags)
+        try:  # first run on a GPU since written: a failure here must not lose the rest
+            found["gpu_busy"] = gpu_busy(module, flags)
+        except Exception as e:
+            print(f"GPU busy share not measured: {type(e).__name__}: {e}")
+            found["gpu_busy"] = float("nan")
         found["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return found
 
@@ -195,19 +199,10 @@ def ours_profile(module, flags, device) -> dict:
 def gpu_busy(module, flags, steps: int = 6) -> float:
     """Share of the wall time of `steps` steady-state loop iterations (train_step start to
     train_step start) in which the GPU runs a kernel, from torch.profiler's CUDA trace."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-    real = module.train_step
-
-    def marked(*args, **kwargs):
-        with record_function("train_step"):
-            return real(*args, **kwargs)
-    module.train_step = marked
-    try:
-        with tempfile.TemporaryDirectory() as out, \
-                profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            module.main(run_flags(module, flags, steps + 1, 3, out))
-    finally:
-        module.train_step = real
+    from torch.profiler import ProfilerActivity, profile
+    with tempfile.TemporaryDirectory() as out, marked_steps(module), \
+            profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        module.main(run_flags(module, flags, steps + 1, 3, out))
     events = prof.events()
     starts = sorted(e.time_range.start for e in events if e.name == "train_step")[3:]
     begin, end = starts[0], starts[-1]

@@ -1,4 +1,5 @@
-"""Test helpers: multi-process gloo runs and the scripts as subprocesses."""
+"""Test helpers: multi-process gloo runs, the scripts as subprocesses, and profiled steps."""
+import contextlib
 import json
 import os
 import random
@@ -168,13 +169,11 @@ HOST_OR_INHERENT = ("enumerate(DataLoader)", "Optimizer.step#Adam.step",
                     "Optimizer.step#AdamW.step", "Optimizer.step#SGD.step", "aten::linalg_svdvals")
 
 
-def profile_steps(run, train_step_owner, first: int = 2, last: int = 5) -> dict:
-    """Run `run()` under torch.profiler on the CPU, each call of train_step_owner.train_step
-    marked. Per loop iteration from the start of step `first` to that of step `last` (a step,
-    its bookkeeping and the next step's views): "loop_ops" and, within train_step, "step_ops",
-    the aten ops called from Python or autograd, less the loader's (it decodes on the host);
-    "syncs" {synchronising op: count} outside HOST_OR_INHERENT."""
-    from torch.profiler import ProfilerActivity, profile, record_function
+@contextlib.contextmanager
+def marked_steps(train_step_owner):
+    """Within the block, each call of train_step_owner.train_step is a profiler range named
+    "train_step"."""
+    from torch.profiler import record_function
     real = train_step_owner.train_step
 
     def marked(*args, **kwargs):
@@ -182,10 +181,20 @@ def profile_steps(run, train_step_owner, first: int = 2, last: int = 5) -> dict:
             return real(*args, **kwargs)
     train_step_owner.train_step = marked
     try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run()
+        yield
     finally:
         train_step_owner.train_step = real
+
+
+def profile_steps(run, train_step_owner, first: int = 2, last: int = 5) -> dict:
+    """Run `run()` under torch.profiler on the CPU, each call of train_step_owner.train_step
+    marked. Per loop iteration from the start of step `first` to that of step `last` (a step,
+    its bookkeeping and the next step's views): "loop_ops" and, within train_step, "step_ops",
+    the aten ops called from Python or autograd, less the loader's (it decodes on the host);
+    "syncs" {synchronising op: count} outside HOST_OR_INHERENT."""
+    from torch.profiler import ProfilerActivity, profile
+    with marked_steps(train_step_owner), profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
     events = prof.events()
     marks = sorted((e.time_range.start, e.time_range.end) for e in events
                    if e.name == "train_step")
