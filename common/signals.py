@@ -47,19 +47,24 @@ class Signals:
     def poll(self) -> tuple[bool, bool]:
         """(stop, checkpoint) at this step boundary, the same on every rank: a stop signal
         arrived (stop and checkpoint), or --checkpoint-every minutes passed (checkpoint)."""
-        due = self.minutes > 0 and time.monotonic() - self.last >= 60 * self.minutes
-        flags = torch.tensor([self.received, due], dtype=torch.int32)
-        if self.distributed:  # agree on the flags sent at the last step; send this step's
-            sent, self.pending = self.pending, (dist.all_reduce(
-                flags, dist.ReduceOp.MAX, self.group, async_op=True), flags)
-            if sent is None:
-                return False, False
-            sent[0].wait()
-            flags = sent[1]
-        self.agreed, due = flags.tolist()  # the signal number, if any rank received one
+        if not self.distributed:
+            self.agreed, due = self.received, self.due()
+        elif self.pending is None:
+            self.agreed, due = 0, False
+        else:  # what every rank sent at the last step (max: the signal number, if any)
+            self.pending[0].wait()
+            self.agreed, due = self.pending[1].tolist()
         if self.agreed or due:
             self.last = time.monotonic()
+        if self.distributed:  # this step's flags, read at the next
+            flags = torch.tensor([self.received, self.due()], dtype=torch.int32)
+            self.pending = (dist.all_reduce(flags, dist.ReduceOp.MAX, self.group,
+                                            async_op=True), flags)
         return bool(self.agreed), bool(self.agreed or due)
+
+    def due(self) -> bool:
+        """Whether --checkpoint-every minutes passed since the last checkpoint."""
+        return self.minutes > 0 and time.monotonic() - self.last >= 60 * self.minutes
 
     def stopped(self, step: int, epoch: int, batch: int) -> Preempted:
         """The exception that ends a run stopped by a signal, after its checkpoint."""

@@ -91,3 +91,31 @@ def test_a_finished_run_can_be_extended(tmp_path, monkeypatch, capsys):
         run_main(pretrain.main, [*flags, "--resume", "auto", "--max-epochs", "2"])
     assert exit_info.value.code == 2
     assert "has already trained 3 epochs" in capsys.readouterr().err
+
+
+def _polls(rank, world):
+    """Signals.poll() at 12 step boundaries of two ranks that run at different speeds, with a
+    60 ms checkpoint timer; rank 1 receives SIGTERM during its 8th step."""
+    import signal as signals_module
+    from common.signals import Signals
+    d = Dist(rank, rank, world, torch.device("cpu"), rank == 0)
+    decisions = []
+    with Signals(0.001, d) as signals:
+        for step in range(12):
+            time.sleep(0.03 if rank == 0 else 0.02)
+            if rank == 1 and step == 7:
+                os.kill(os.getpid(), signals_module.SIGTERM)
+            decisions.append(signals.poll())
+    return decisions
+
+
+def test_ranks_agree_on_when_to_checkpoint_and_stop_without_waiting(tmp_path):
+    # each step's flags are read at the next: both ranks decide alike, the signal's stop comes
+    # one step after it, and a timed checkpoint resets the timer before the next flags go out
+    # (no second checkpoint right after it)
+    first, second = run_distributed(_polls, 2, tmp_path)
+    assert first == second
+    stops = [i for i, (stop, _) in enumerate(first) if stop]
+    assert stops[0] == 8, first
+    saves = [i for i, (_, save) in enumerate(first[:8]) if save]
+    assert saves and all(b - a > 1 for a, b in zip(saves, saves[1:])), first
