@@ -188,15 +188,15 @@ def test_eval_transform_resizes_with_the_references_interpolation(recipe, mode, 
     from types import SimpleNamespace
     from common.augment import eval_transform
     size = {"imagenet": 224, "stl10": 64}[recipe]
-    cfg = SimpleNamespace(dataset="imagefolder", recipe=recipe, image_size=size, mean=[0, 0, 0],
-                          std=[1, 1, 1])
+    args = SimpleNamespace(dataset="imagefolder", recipe=recipe, image_size=size, mean=[0, 0, 0],
+                           std=[1, 1, 1])
     img = Image.fromarray(torch.randint(0, 256, (300, 400, 3), dtype=torch.uint8).numpy())
     w = round(400 * short / 300)
     by_hand = img.resize((w, short), mode)
     top, left = round((short - size) / 2), round((w - size) / 2)
     by_hand = by_hand.crop((left, top, left + size, top + size))
     expected = torch.tensor(np.asarray(by_hand), dtype=torch.float32).permute(2, 0, 1)
-    assert torch.allclose(eval_transform(cfg)(img) * 255, expected, atol=1e-3)
+    assert torch.allclose(eval_transform(args)(img) * 255, expected, atol=1e-3)
 
 
 def test_images_of_every_mode_are_read_as_8_bit_rgb(tmp_path):

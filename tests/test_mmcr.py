@@ -173,8 +173,8 @@ def test_pretrain_then_finetune_end_to_end(tmp_path, capsys):
 ])
 def test_probe_on_the_pretraining_views_uses_the_official_probe_transform(dataset, expected,
                                                                          monkeypatch):
-    pre = vars(pretrain.get_args(["--dataset", dataset]))
-    monkeypatch.setattr(finetune, "load_pretrained", lambda *a: (None, 8, pre))
+    pretrain_args = pretrain.get_args(["--dataset", dataset])
+    monkeypatch.setattr(finetune, "load_pretrained", lambda *a: (None, 8, pretrain_args))
     seen = {}
     monkeypatch.setattr(finetune, "run_finetune", lambda *a, train_view: seen.update(v=train_view))
     finetune.main(["--checkpoint", "x.pt", "--train-views", "pretrain"])
