@@ -87,13 +87,12 @@ def add_common_args(p, recipes: dict, *, knn_temperature: float = 0.5) -> None:
     recipe = dict(default=argparse.SUPPRESS)
     a("--dataset", default="cifar10", choices=DATASETS,
       help="synthetic is generated in-process and needs no files (offline smoke runs)")
-    a("--data-dir", default="data", help="where datasets live (CIFAR/STL download here); for "
-      "imagefolder: a root with train/ and val/ class folders, a root of one folder per class "
-      "(a share of each held out, --holdout), or a folder of unlabelled images")
+    a("--data-dir", default="data", help="where datasets live (CIFAR/STL download here); "
+      "imagefolder: a root of train/ and val/ class folders, of class folders (--holdout), or "
+      "of unlabelled images")
     a("--recipe", default="auto", choices=["auto", *FAMILIES], help="the method's defaults for "
-      "this kind of data (views, normalisation, stem, hyper-parameters); auto: cifar for "
-      "CIFAR/synthetic, stl10 for STL-10, and for an image folder by the image size (up to 48 "
-      "px cifar, up to 128 px stl10, else imagenet). Flags given explicitly always win")
+      "this kind of data; auto: cifar for CIFAR/synthetic, stl10 for STL-10, for an image "
+      "folder by image size (to 48 px cifar, to 128 px stl10, else imagenet); flags win")
     a("--image-size", type=at_least(1), default=None, help="crop size; unset: the dataset's "
       "(32 CIFAR/synthetic, 64 STL-10), for an image folder the recipe's (32/64/224)")
     a("--mean", type=number(), nargs=3, default=None, help="normalisation mean (RGB); unset: "
@@ -101,8 +100,8 @@ def add_common_args(p, recipes: dict, *, knn_temperature: float = 0.5) -> None:
     a("--std", type=positive, nargs=3, default=None, help="normalisation std (RGB); unset: as "
       "--mean")
     a("--holdout", type=number(low=0, high=1, open_low=True, open_high=True), default=0.2,
-      help="for an image folder of one subfolder per class (no train/ and val/): the share of "
-      "each class held out, with a fixed seed, as the test split of the kNN monitor and probe")
+      help="an image folder of class folders (no train/, val/): the share of each class held "
+      "out (a fixed draw) as the test split of the kNN monitor and the probe")
     a("--batch-size", type=at_least(1), **recipe, help="images per process per step (the "
       f"global batch is this x world size) {by_recipe(recipes, 'batch_size')}")
     a("--max-epochs", type=at_least(1), **recipe,
@@ -114,7 +113,7 @@ def add_common_args(p, recipes: dict, *, knn_temperature: float = 0.5) -> None:
           "images of global batch: used when --learning-rate is unset, as base x global batch "
           f"/ 256 {by_recipe(recipes, 'base_learning_rate')}")
     a("--warmup-duration", type=fraction, **recipe, help="linear warmup as a fraction of all "
-      "steps, then cosine decay; a recipe's warmup in epochs is at most a tenth of the run "
+      "steps (a recipe's epochs: at most a tenth), then cosine decay "
       f"{by_recipe(recipes, 'warmup_duration')}")
     a("--weight-decay", type=at_least(0, float), **recipe,
       help=f"weight decay {by_recipe(recipes, 'weight_decay')}")
@@ -123,8 +122,8 @@ def add_common_args(p, recipes: dict, *, knn_temperature: float = 0.5) -> None:
       "temperature T (weights exp(cos/T)); not a loss temperature")
     a("--eval-every", type=at_least(0), default=1, help="kNN every N epochs (0: never)")
     a("--dev", type=at_least(0), nargs="?", const=2048, default=0, help="a fixed sample of N "
-      "images of each split (a quarter of that of the test split), drawn class by class, for a "
-      "quick look (N = 2048 when given without a value; 0: all)")
+      "images per split (N/4 of the test split), class by class, for a quick look (2048 when "
+      "given without N; 0: all)")
     a("--output-dir", default=None, help="run directory; unset: runs/<method>/<dataset>-<time>")
     a("--resume", default=None, help="checkpoint path, or 'auto' for last.pt of --output-dir "
       "(or of the newest run of this method)")
@@ -137,8 +136,7 @@ def add_common_args(p, recipes: dict, *, knn_temperature: float = 0.5) -> None:
     a("--seed", type=int, default=42, help="random seed (each process uses seed + rank)")
     a("--compile", action="store_true", help="torch.compile the training forward")
     a("--augment", help=argparse.SUPPRESS, default=argparse.SUPPRESS, type=removed(
-        "views are always made on the training device; PIL's executor is now the tests' "
-        "reference"))
+        "views are always made on the training device (PIL's are the tests' reference)"))
     add_machine_args(p)
 
 
@@ -236,8 +234,8 @@ def share_of_run(epochs: float, max_epochs: int) -> float:
 
 
 def refuse_unused(args, unused: dict) -> None:
-    """One error line for a flag given on the command line that the chosen settings do not
-    use: `unused` maps a flag's destination to why it does not apply (or None when it does)."""
+    """One error line for a flag the command line gave that the settings do not use: `unused`
+    maps a flag's destination to why it does not apply (or to None)."""
     for key, why in unused.items():
         if why and key in args.explicit:
             raise UserError(f"--{key.replace('_', '-')} does not apply here: {why}")
