@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from common import backbone
 from common.checkpoint import load_checkpoint
 from common.errors import run_main
-from helpers import ROOT, read_metrics, use_tiny_cnn
+from helpers import ROOT, fails, read_metrics, use_tiny_cnn
 from mmcr import finetune, pretrain
 from mmcr import model as mmcr_model
 
@@ -29,14 +29,6 @@ TINY = ["--dataset", "synthetic", "--image-size", "16", "--batch-size", "8", "--
 def tiny(monkeypatch):
     use_tiny_cnn(monkeypatch, mmcr_model)
     use_tiny_cnn(monkeypatch, backbone)
-
-
-def fails(main, argv, capsys, match):
-    """main(argv) prints one error line containing `match` and exits with code 2."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, argv)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and match in err, err
 
 
 @pytest.fixture
