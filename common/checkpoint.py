@@ -1,5 +1,6 @@
 """Checkpoints: the run directory, atomic writes, checked loads, and the files of a run that
 resume depends on (last.pt with every rank's RNG state; backbone.pt, best.pt, epochNNNN.pt)."""
+import json
 import os
 import random
 import shutil
@@ -56,17 +57,26 @@ def resolve_output_dir(args, method: str) -> Path:
     return Path("runs", method, f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def resume_path(args):
-    """The checkpoint to resume from (None: fresh start). Refuses to overwrite a run silently."""
+def resume_point(args, method: str) -> tuple:
+    """(the checkpoint to resume, or None for a fresh start; the flags the run was started
+    with, {} for a new run). Without --resume a folder that holds a run is refused, never
+    overwritten. --resume auto where the run left no last.pt starts it over with the flags of
+    its args.json (it stopped before its first checkpoint), or a new run where there is none."""
     out_dir = Path(args.output_dir)
-    if args.resume == "auto":
-        return out_dir / "last.pt" if (out_dir / "last.pt").is_file() else None
-    if args.resume:
-        return Path(args.resume)
-    if (out_dir / "last.pt").is_file():
+    path = Path(args.resume) if args.resume not in (None, "auto") else out_dir / "last.pt"
+    if args.resume is None and path.is_file():
         raise UserError(f"{out_dir} already holds a run: pass --resume auto to continue it "
                         "or choose another --output-dir")
-    return None
+    if args.resume and (args.resume != "auto" or path.is_file()):
+        return path, load_checkpoint(path, method)["args"]
+    if args.resume is None:
+        return None, {}
+    if not (out_dir / "args.json").is_file():
+        print0(f"notice: --resume auto: {out_dir} holds no run to resume; starting a new one")
+        return None, {}
+    print0(f"notice: {out_dir} has no last.pt (it stopped before its first checkpoint): "
+           "starting over with the flags of its args.json")
+    return None, json.loads((out_dir / "args.json").read_text())
 
 
 def rng_state(loader_generator) -> dict:

@@ -5,11 +5,9 @@ line is silent), then the recipe (a dict of a method's defaults for one family o
 the data and the machine. A flag a recipe sets has no argparse default: it is absent from
 `args` until fill_recipe() sets it, and its help lists every recipe's value."""
 import argparse
-import json
 import math
-from pathlib import Path
 
-from common.checkpoint import load_checkpoint, resolve_output_dir, resume_path
+from common.checkpoint import resolve_output_dir, resume_point
 from common.data import DATASETS, FAMILIES, data_family, resolve_data
 from common.dist import print0
 from common.errors import UserError
@@ -173,8 +171,7 @@ def parse(p, argv, method: str, recipes: dict):
     args = p.parse_args(argv)
     args.explicit = explicit(p, argv, args)
     args.output_dir = str(resolve_output_dir(args, method))
-    resume = resume_path(args)
-    saved = load_checkpoint(resume, method)["args"] if resume else started_with(args)
+    resume, saved = resume_point(args, method)
     args.resume = str(resume) if resume else None
     flags = set(vars(args)).union(*recipes.values())  # a flag the run has, recipe flags too
     for key, value in saved.items():
@@ -189,21 +186,6 @@ def explicit(p, argv, args) -> list:
     unset = object()
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
     return sorted(k for k, v in vars(given).items() if v is not unset)
-
-
-def started_with(args) -> dict:
-    """For --resume auto where the run left no last.pt: the flags of its args.json, so it
-    starts over as it was started; {} and a notice when there is no run to resume."""
-    record = Path(args.output_dir) / "args.json"
-    if args.resume != "auto":
-        return {}
-    if not record.is_file():
-        print0(f"notice: --resume auto: {args.output_dir} holds no run to resume; starting a "
-               "new one")
-        return {}
-    print0(f"notice: {args.output_dir} has no last.pt (it stopped before its first "
-           "checkpoint): starting over with the flags of its args.json")
-    return json.loads(record.read_text())
 
 
 def fill_recipe(args, recipes: dict) -> None:
