@@ -13,10 +13,13 @@ import torch.distributed as dist
 from common.dist import print0
 from common.errors import UserError
 
-# flags that may change when a run is resumed; any other difference is refused
-RESUMABLE = {"resume", "num_workers", "eval_every", "log_every", "save_every", "compile",
-             "output_dir", "device", "explicit", "threads", "checkpoint_every", "max_epochs",
-             "dist_timeout"}
+# what a resumed run takes from this command line, not from its checkpoint: this machine's
+# settings and where the run goes; with the rest of RESUMABLE, what may change on a resume (any
+# other difference is refused)
+OF_THIS_COMMAND = {"device", "threads", "num_workers", "compile", "resume", "output_dir",
+                   "explicit"}
+RESUMABLE = OF_THIS_COMMAND | {"eval_every", "log_every", "save_every", "checkpoint_every",
+                               "max_epochs", "dist_timeout"}
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -16,8 +16,7 @@ from common.checkpoint import load_checkpoint, save_checkpoint
 from common.data import DATASETS, load_split, num_classes
 from common.dist import gather_rows
 from common.errors import UserError
-from common.flags import (add_machine_args, at_least, explicit, fraction, parser, positive,
-                          refuse_unused)
+from common.flags import add_machine_args, at_least, fraction, parser, positive, refuse_unused
 from common.knn import accuracy, extract_features
 from common.loaders import eval_loader, train_loader
 from common.log import RunLog
@@ -61,13 +60,6 @@ def finetune_args(description: str) -> argparse.ArgumentParser:
     a("--seed", type=int, default=42, help="random seed (seed + rank per process)")
     add_machine_args(p)
     return p
-
-
-def parse_finetune(p, argv):
-    """The flags, with args.explicit (the flags the command line gave)."""
-    args = p.parse_args(argv)
-    args.explicit = explicit(p, argv, args)
-    return args
 
 
 def load_pretrained(path, method: str, build, prefix: str):

@@ -7,16 +7,11 @@ the data and the machine. A flag a recipe sets has no argparse default: it is ab
 import argparse
 import math
 
-from common.checkpoint import resolve_output_dir, resume_point
+from common.checkpoint import OF_THIS_COMMAND, resolve_output_dir, resume_point
 from common.data import DATASETS, FAMILIES, data_family, resolve_data
 from common.dist import print0
 from common.errors import UserError
 from common.runtime import cpu_cores
-
-# what a resumed run takes from this command line rather than from its checkpoint: this machine's
-# settings and where the run goes
-OF_THIS_COMMAND = {"device", "threads", "num_workers", "compile", "resume", "output_dir",
-                   "explicit"}
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -168,8 +163,7 @@ def parse(p, argv, method: str, recipes: dict):
     resumed run takes each flag the command line leaves unset from its checkpoint (or its
     args.json, killed before a checkpoint), except this machine's: `--output-dir RUN --resume
     auto` alone continues RUN as started. A contradicting flag is refused later."""
-    args = p.parse_args(argv)
-    args.explicit = explicit(p, argv, args)
+    args = parse_command_line(p, argv)
     args.output_dir = str(resolve_output_dir(args, method))
     resume, saved = resume_point(args, method)
     args.resume = str(resume) if resume else None
@@ -180,12 +174,13 @@ def parse(p, argv, method: str, recipes: dict):
     return args
 
 
-def explicit(p, argv, args) -> list:
-    """The flags the command line gave, sorted: argparse leaves the attributes a namespace
-    already holds alone unless the command line sets them."""
-    unset = object()
+def parse_command_line(p, argv):
+    """The flags, with args.explicit: those the command line gave, sorted (argparse leaves the
+    attributes a namespace already holds alone unless the command line sets them)."""
+    args, unset = p.parse_args(argv), object()
     given = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), unset)))
-    return sorted(k for k, v in vars(given).items() if v is not unset)
+    args.explicit = sorted(k for k, v in vars(given).items() if v is not unset)
+    return args
 
 
 def fill_recipe(args, recipes: dict) -> None:

@@ -9,7 +9,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from common import dist
 from common.augment import eval_transform
-from common.data import load_split, num_classes
+from common.data import load_split, num_classes, targets
 from common.errors import UserError
 
 
@@ -60,7 +60,7 @@ def array_images(ds) -> ArrayImages | None:
         return None
     images = torch.as_tensor(data)  # shares the array's memory
     images = images.permute(0, 3, 1, 2) if images.shape[-1] == 3 else images
-    labels = torch.as_tensor(ds.targets if hasattr(ds, "targets") else ds.labels).long()
+    labels = torch.as_tensor(targets(ds)).long()
     if indices is not None:
         images, labels = images[indices], labels[indices]
     return ArrayImages(images.contiguous(), labels)

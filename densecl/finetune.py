@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from common.backbone import resnet_of
 from common.errors import run_main
-from common.finetune import finetune_args, load_pretrained, parse_finetune, run_finetune
+from common.finetune import finetune_args, load_pretrained, run_finetune
+from common.flags import parse_command_line
 
 
 def classifier(width: int, classes: int) -> nn.Linear:
@@ -28,7 +29,7 @@ def classifier(width: int, classes: int) -> nn.Linear:
 
 
 def get_args(argv=None):
-    return parse_finetune(finetune_args("Linear probe / finetune of a DenseCL backbone"), argv)
+    return parse_command_line(finetune_args("Linear probe / finetune of a DenseCL backbone"), argv)
 
 
 def main(argv=None):

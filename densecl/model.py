@@ -72,13 +72,15 @@ def split_norm_one_call(x, n: int, running: tuple, weight, bias, momentum, eps):
     return out
 
 
-def official_init(net: nn.Module) -> nn.Module:
-    """Kaiming-normal (fan_in, ReLU gain) weights on every conv, as the official ResNet's
-    init_weights (openselfsup/models/backbones/resnet.py, mmcv kaiming_init with mode fan_in);
-    torchvision's own init uses fan_out. BN weights 1 and biases 0 are torchvision's too."""
+def official_init(net: nn.Module, kind=nn.Conv2d) -> nn.Module:
+    """Kaiming-normal (fan_in, ReLU gain) weights and zero biases of every `kind` layer: the
+    official init_weights of the ResNet (openselfsup/models/backbones/resnet.py) and of the neck
+    ('kaiming'); torchvision's own init uses fan_out. BN keeps torchvision's weights 1, biases 0."""
     for m in net.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, kind):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return net
 
 
@@ -105,10 +107,7 @@ class DenseCLNeck(nn.Module):
                                  nn.Linear(hidden_dim, out_dim))
         self.dense = nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True),
                                    nn.Conv2d(hidden_dim, out_dim, 1))
-        for m in self.mlp:  # official init_weights('kaiming') touches the Linear layers only
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        official_init(self.mlp, nn.Linear)  # the official neck's init: its Linear layers only
 
     def forward(self, f: torch.Tensor):
         """f (B, C, H, W) -> global (B, D), dense (B, D, S); neither normalised."""

@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 
 from common.backbone import resnet_of
 from common.errors import run_main
-from common.finetune import finetune_args, load_pretrained, parse_finetune, run_finetune
+from common.finetune import finetune_args, load_pretrained, run_finetune
+from common.flags import parse_command_line
 from mmcr.pretrain import pretrain_views
 
 
@@ -22,7 +23,7 @@ def get_args(argv=None):
         help="the training images' views. crop-flip: random resized crop and flip; pretrain: "
         "one view of the pretraining recipe, as the official CIFAR/STL probe "
         "(mmcr/cifar_stl/train_linear_classifier.py) and the playground's probe")
-    return parse_finetune(p, argv)
+    return parse_command_line(p, argv)
 
 
 def main(argv=None):

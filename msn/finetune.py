@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import run_main
-from common.finetune import finetune_args, load_pretrained, parse_finetune, run_finetune
+from common.finetune import finetune_args, load_pretrained, run_finetune
+from common.flags import parse_command_line
 from msn.model import ViT
 
 
@@ -46,7 +47,7 @@ def get_args(argv=None):
         "--features", default="final-norm", choices=["final-norm", "last-block"],
         help="final-norm: class token after the final LayerNorm, into a Linear layer; "
         "last-block: the official linear evaluation's features and head (module docstring)")
-    return parse_finetune(p, argv)
+    return parse_command_line(p, argv)
 
 
 def main(argv=None):

@@ -11,11 +11,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 
 from common.backbone import resnet_of
 from common.errors import run_main
-from common.finetune import finetune_args, load_pretrained, parse_finetune, run_finetune
+from common.finetune import finetune_args, load_pretrained, run_finetune
+from common.flags import parse_command_line
 
 
 def get_args(argv=None):
-    return parse_finetune(finetune_args("Linear probe / finetune of an NNCLR backbone"), argv)
+    return parse_command_line(finetune_args("Linear probe / finetune of an NNCLR backbone"), argv)
 
 
 def main(argv=None):

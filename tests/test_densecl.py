@@ -339,6 +339,21 @@ def test_small_feature_map_warns_and_backbone_is_torchvision():
         cifar(torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32))  # 4x4: no warning
 
 
+def test_official_init_is_kaiming_fan_in():
+    """Conv weights of the trunk and the neck's Linear weights have std sqrt(2 / fan_in) (not
+    torchvision's fan_out), the Linear biases are 0 and the dense convs keep PyTorch's default."""
+    torch.manual_seed(0)
+    model = DenseCL("resnet18", "cifar", 32, hidden_dim=512, projection_dim=128, queue_size=8)
+    conv = model.backbone.layer3[0].conv1.weight  # (256, 128, 3, 3): fan_in 1152, fan_out 2304
+    assert conv.std().item() == pytest.approx(math.sqrt(2 / 1152), rel=0.02)
+    first, second = model.neck.mlp[0], model.neck.mlp[2]
+    assert first.weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.02)
+    assert second.weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.05)
+    assert not first.bias.any() and not second.bias.any()
+    dense = model.neck.dense[0].weight  # kaiming_uniform(a=sqrt 5): std 1 / sqrt(3 fan_in)
+    assert dense.std().item() == pytest.approx(1 / math.sqrt(3 * 512), rel=0.05)
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     flags = [*TINY, "--dev", "32", "--output-dir", str(tmp_path / "r")]
     fails(pretrain.main, [*flags, "--tau", "0"], capsys, "argument --tau: must be positive")
