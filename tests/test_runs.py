@@ -1,5 +1,6 @@
 """A run as a user meets it, through MMCR's scripts and common/ (flags, checkpoint, log,
 signals, finetune, data): what is printed, what is written, what is refused."""
+import argparse
 import importlib
 import json
 import os
@@ -327,9 +328,9 @@ SCRIPTS = [f"{m}.{s}" for m in ("mmcr", "nnclr", "densecl", "msn")
            for s in ("pretrain", "finetune")]
 
 
-def float_flags(script: str, monkeypatch) -> list:
-    """(flag, number of values) of each flag of `script` that takes numbers with a fraction:
-    its parser, caught as get_args builds it (--help exits before anything runs)."""
+def parser_of(script: str, monkeypatch):
+    """The parser of `script`, caught as get_args builds it (--help exits before anything
+    runs)."""
     from common import flags
     made = []
     real = flags.parser
@@ -340,8 +341,39 @@ def float_flags(script: str, monkeypatch) -> list:
                         lambda *a: made.append(real(*a)) or made[-1])
     with pytest.raises(SystemExit):
         module.get_args(["--help"])
+    return made[0]
+
+
+def float_flags(script: str, monkeypatch) -> list:
+    """(flag, number of values) of each flag of `script` that takes numbers with a fraction."""
     return [(a.option_strings[0], a.nargs if isinstance(a.nargs, int) else 1)
-            for a in made[0]._actions if getattr(a.type, "__name__", "") == "float"]
+            for a in parser_of(script, monkeypatch)._actions
+            if getattr(a.type, "__name__", "") == "float"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_shows_every_default_and_every_recipes_value(script, monkeypatch, capsys):
+    """Every flag has a help string; --help shows the default of each flag that has one, and
+    each recipe's value of a flag a recipe sets (the values read from the script's RECIPES)."""
+    p = parser_of(script, monkeypatch)
+    capsys.readouterr()
+    shown = [a for a in p._actions if a.help != argparse.SUPPRESS and a.dest != "help"]
+    assert all(a.help for a in shown), [a.dest for a in shown if not a.help]
+    by_default = [a for a in shown if a.default is not argparse.SUPPRESS]
+    text = " ".join(p.format_help().split())
+    assert text.count("(default: ") == len(by_default) > 10
+    recipes = getattr(importlib.import_module(script), "RECIPES", {})
+    by_recipe = [a for a in shown if a.default is argparse.SUPPRESS]
+    assert len(by_recipe) >= (5 if recipes else 0)
+    for a in by_recipe:
+        help_text = " ".join(a.help.split())
+        assert "(recipe: " in help_text, a.dest
+        for recipe in recipes.values():
+            value = recipe.get(a.dest)
+            if a.dest == "warmup_duration" and "warmup_epochs" in recipe:
+                value = f"{recipe['warmup_epochs']:g} epochs"
+            for part in value if isinstance(value, list) else [value]:
+                assert part is None or str(part) in help_text, (a.dest, part)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
